@@ -1,0 +1,111 @@
+"""Configuration of :class:`PCMEModel`: two towers, a projection head per tower, a loss."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PreTrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+from .configuration_text_encoders import PCMEBiGRUConfig
+
+#: Tower configs shipped with this package. They are resolved here rather than through
+#: ``AutoConfig`` so that a saved model also loads with ``trust_remote_code=True`` in a process
+#: where ``hf_pcme`` is not installed (and so "pcme_bigru" is unknown to ``AutoConfig``).
+BUILTIN_TOWER_CONFIGS: dict[str, type[PreTrainedConfig]] = {"pcme_bigru": PCMEBiGRUConfig}
+
+HEAD_TYPES = ("probabilistic", "deterministic", "polysemous")
+LOSS_TYPES = ("pcme", "pcme++", "infonce", "vsepp", "pvse", "center")
+MATCH_FUNCTIONS = ("sampled", "csd")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"Unknown {name} {value!r}; valid choices are: {', '.join(choices)}.")
+
+
+def resolve_tower_config(name: str, value: PreTrainedConfig | dict | None, default_model_type: str) -> PreTrainedConfig:
+    """Turn a sub-config given as a config, a dict (with ``model_type``) or ``None`` into a config object."""
+    if isinstance(value, PreTrainedConfig):
+        return value
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise TypeError(f"{name} must be a PreTrainedConfig, a dict with a 'model_type' key, or None; got {type(value)}.")
+    value = dict(value)
+    model_type = value.pop("model_type", default_model_type)
+    if model_type in BUILTIN_TOWER_CONFIGS:
+        return BUILTIN_TOWER_CONFIGS[model_type](**value)
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(
+            f"{name} has unknown model_type {model_type!r}: use a transformers model type (e.g. 'resnet', 'vit', "
+            f"'clip_vision_model', 'bert', 'clip_text_model') or one of {sorted(BUILTIN_TOWER_CONFIGS)}."
+        )
+    return CONFIG_MAPPING[model_type](**value)
+
+
+class PCMEConfig(PreTrainedConfig):
+    r"""Configuration of a probabilistic (or deterministic / polysemous) dual encoder.
+
+    Args:
+        vision_config: config of the image tower: any transformers vision backbone (ResNet, ViT,
+            CLIP vision, ...) as a config object or a dict with ``model_type``.
+        text_config: config of the text tower: any transformers text backbone (BERT, CLIP text,
+            ...) or the built-in ``"pcme_bigru"``.
+        embed_dim: size D of the joint embedding space (1024 for COCO, 512 for CUB in PCME).
+        head_type: ``"probabilistic"`` (PCME: mean + ``log_sigma2``), ``"deterministic"``
+            (VSE++ / InfoNCE: a point) or ``"polysemous"`` (PVSE: K points).
+        num_embeds: K, embeddings per item for the polysemous head.
+        num_samples: J, Monte-Carlo samples per item for the sampled match probability (7 in PCME).
+        attention_hidden_dim: hidden size of the additive attention pooling (``None``: half the
+            local-feature size).
+        head_dropout: dropout on the local residual branch of the heads.
+        loss_type: training objective, one of ``pcme`` (sampled contrastive + VIB), ``pcme++``
+            (closed-form sampled distance), ``infonce``, ``vsepp``, ``pvse``, ``center``.
+        loss_kwargs: keyword arguments of the loss (e.g. ``{"vib_beta": 1e-5}``).
+        init_negative_scale: initial ``a`` of the match probability ``sigmoid(2(-a d + b))``
+            (15 on COCO, 5 on CUB in PCME).
+        init_shift: initial ``b`` (15 on COCO, 5 on CUB in PCME).
+        match_function: how ``match_probability`` is computed: ``"sampled"`` (PCME, J x J
+            sample pairs) or ``"csd"`` (PCME++, ``sigmoid(-a * CSD + b)``).
+        initializer_range: std of the normal initialisation of the heads' linear layers.
+    """
+
+    model_type = "pcme"
+
+    vision_config: PreTrainedConfig | dict | None = None
+    text_config: PreTrainedConfig | dict | None = None
+    embed_dim: int = 1024
+    head_type: str = "probabilistic"
+    num_embeds: int = 2
+    num_samples: int = 7
+    attention_hidden_dim: int | None = None
+    head_dropout: float = 0.0
+    loss_type: str = "pcme"
+    loss_kwargs: dict | None = None
+    init_negative_scale: float = 15.0
+    init_shift: float = 15.0
+    match_function: str = "sampled"
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs: Any):
+        self.vision_config = resolve_tower_config("vision_config", self.vision_config, "resnet")
+        self.text_config = resolve_tower_config("text_config", self.text_config, "pcme_bigru")
+        self.loss_kwargs = dict(self.loss_kwargs or {})
+        _check_choice("head_type", self.head_type, HEAD_TYPES)
+        _check_choice("loss_type", self.loss_type, LOSS_TYPES)
+        _check_choice("match_function", self.match_function, MATCH_FUNCTIONS)
+        for name in ("embed_dim", "num_embeds", "num_samples"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
+        super().__post_init__(**kwargs)
+
+    @classmethod
+    def from_vision_text_configs(
+        cls, vision_config: PreTrainedConfig, text_config: PreTrainedConfig, **kwargs: Any
+    ) -> "PCMEConfig":
+        """Build a config from the configs of the two towers."""
+        return cls(vision_config=vision_config, text_config=text_config, **kwargs)
+
+
+__all__ = ["PCMEConfig", "resolve_tower_config", "BUILTIN_TOWER_CONFIGS"]

@@ -1,0 +1,376 @@
+"""PCMEModel: a dual encoder whose heads map images and captions to Gaussians (or points).
+
+References:
+    PCME: Chun et al., "Probabilistic Embeddings for Cross-Modal Retrieval", CVPR 2021.
+    PCME++: Chun, "Improved Probabilistic Image-Text Representations", ICLR 2024.
+    PVSE: Song & Soleymani, "Polysemous Visual-Semantic Embedding for Cross-Modal Retrieval", CVPR 2019.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModel, PreTrainedConfig, PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .configuration_pcme import PCMEConfig
+from .distances import (
+    iter_row_chunks,
+    pairwise_csd,
+    pairwise_sampled_match_log_prob,
+    sample_gaussian,
+)
+from .heads import HEADS
+from .losses import build_loss
+from .outputs import ProbabilisticEmbedding
+from .text_encoders import PCMEBiGRUModel
+
+#: Built-in towers, instantiated directly (not through ``AutoModel``) so remote code works
+#: without ``hf_pcme`` being installed.
+BUILTIN_TOWERS: dict[str, type[PreTrainedModel]] = {"pcme_bigru": PCMEBiGRUModel}
+
+#: Rows of the query side processed at once by the pairwise scores, bounding the
+#: (rows x J) x (M x J) intermediate of the sampled match probability.
+PAIRWISE_CHUNK_SIZE = 256
+
+
+@dataclass
+class PCMEOutput(ModelOutput):
+    """Output of :meth:`PCMEModel.forward`.
+
+    Args:
+        loss: training loss (when ``return_loss=True``).
+        loss_components: the named terms of the loss (e.g. ``{"matching": ..., "vib": ...}``).
+        logits_per_image: ``(N_img, N_txt)`` ranking scores, higher = better match (see
+            :meth:`PCMEModel.pairwise_logits`).
+        logits_per_text: its transpose.
+        match_prob: ``(N_img, N_txt)`` match probabilities (see :meth:`PCMEModel.match_probability`).
+        image_embeds / text_embeds: :class:`ProbabilisticEmbedding` of each modality (``mean``,
+            ``log_sigma2``, ``samples``, ``attention``, ``uncertainty``).
+    """
+
+    loss: torch.FloatTensor | None = None
+    loss_components: dict[str, torch.Tensor] | None = None
+    logits_per_image: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    match_prob: torch.FloatTensor | None = None
+    image_embeds: ProbabilisticEmbedding | None = None
+    text_embeds: ProbabilisticEmbedding | None = None
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in self.values())
+
+
+def build_tower(config: PreTrainedConfig) -> PreTrainedModel:
+    """Instantiate a randomly initialised tower from its config (built-in or any transformers model)."""
+    builtin = BUILTIN_TOWERS.get(config.model_type)
+    return builtin(config) if builtin is not None else AutoModel.from_config(config)
+
+
+def tower_feature_dim(config: PreTrainedConfig) -> int:
+    """Channel size of a tower's ``last_hidden_state`` (CNNs: last stage width; transformers: hidden size)."""
+    hidden_sizes = getattr(config, "hidden_sizes", None)
+    if hidden_sizes:
+        return int(hidden_sizes[-1])
+    for name in ("hidden_size", "hidden_dim", "d_model"):
+        if getattr(config, name, None):
+            return int(getattr(config, name))
+    raise ValueError(
+        f"Cannot tell the feature size of a {config.model_type!r} tower: its config has no hidden_sizes, "
+        "hidden_size, hidden_dim or d_model. Wrap the backbone so its output has a known width."
+    )
+
+
+def tower_local_and_global(
+    outputs: ModelOutput, attention_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Local features ``(B, L, C)``, a global feature ``(B, C)`` and a padding mask ``(B, L)`` from a tower output.
+
+    CNN grids ``(B, C, H, W)`` become ``H*W`` local features; token sequences are used as they are,
+    with the text padding mask. The global feature is the tower's ``pooler_output`` when it has
+    one (avg-pooled CNN feature, CLS/EOS token, bi-GRU summary), else the masked mean of the locals.
+    """
+    hidden = outputs.last_hidden_state
+    if hidden.dim() == 4:
+        local, mask = hidden.flatten(2).transpose(1, 2), None
+    elif hidden.dim() == 3:
+        local = hidden
+        mask = attention_mask.bool() if attention_mask is not None else None
+    else:
+        raise ValueError(f"Tower output last_hidden_state must be (B, C, H, W) or (B, L, C), got {tuple(hidden.shape)}.")
+    pooled = getattr(outputs, "pooler_output", None)
+    if pooled is None or pooled.shape[0] != local.shape[0]:
+        if mask is None:
+            pooled = local.mean(dim=1)
+        else:
+            weights = mask.unsqueeze(-1).to(local.dtype)
+            pooled = (local * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+    pooled = pooled.flatten(1)
+    return local, pooled, mask
+
+
+class PCMEPreTrainedModel(PreTrainedModel):
+    config_class = PCMEConfig
+    config: PCMEConfig
+    base_model_prefix = "pcme"
+    main_input_name = "pixel_values"
+    input_modalities = ("image", "text")
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, PCMEModel):
+            init.constant_(module.negative_scale, self.config.init_negative_scale)
+            init.constant_(module.shift, self.config.init_shift)
+        elif module is getattr(self, "criterion", None) and hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+
+
+class PCMEModel(PCMEPreTrainedModel):
+    """Image tower + text tower + one projection head each + the training loss.
+
+    Each input becomes a :class:`ProbabilisticEmbedding`: a Gaussian ``N(mean, diag(exp(log_sigma2)))``
+    for ``head_type="probabilistic"``, a point for ``"deterministic"``, K points for ``"polysemous"``.
+    The learnable scalars ``negative_scale`` (a) and ``shift`` (b) of the match probability live
+    on the model, so every loss and :meth:`match_probability` use the same ones.
+    """
+
+    def __init__(
+        self,
+        config: PCMEConfig,
+        vision_model: PreTrainedModel | None = None,
+        text_model: PreTrainedModel | None = None,
+    ):
+        super().__init__(config)
+        self.vision_model = vision_model if vision_model is not None else build_tower(config.vision_config)
+        self.text_model = text_model if text_model is not None else build_tower(config.text_config)
+        # Keep a single source of truth for the tower configs (as VisionTextDualEncoderModel does).
+        self.vision_model.config = self.config.vision_config
+        self.text_model.config = self.config.text_config
+
+        head_class = HEADS[config.head_type]
+        self.image_head = self._build_head(head_class, tower_feature_dim(config.vision_config))
+        self.text_head = self._build_head(head_class, tower_feature_dim(config.text_config))
+
+        self.negative_scale = nn.Parameter(torch.tensor(float(config.init_negative_scale)))
+        self.shift = nn.Parameter(torch.tensor(float(config.init_shift)))
+        self.criterion = build_loss(config.loss_type, embed_dim=config.embed_dim, **config.loss_kwargs)
+        if not getattr(self.criterion, "uses_match_parameters", False):
+            # a, b still define match_probability, but nothing trains them: keep them out of
+            # the optimiser (and out of DDP's unused-parameter check).
+            self.negative_scale.requires_grad_(False)
+            self.shift.requires_grad_(False)
+        self.post_init()
+
+    def _build_head(self, head_class: type[nn.Module], feature_dim: int) -> nn.Module:
+        config = self.config
+        return head_class(
+            local_dim=feature_dim,
+            global_dim=feature_dim,
+            embed_dim=config.embed_dim,
+            hidden_dim=config.attention_hidden_dim or max(feature_dim // 2, 1),
+            dropout=config.head_dropout,
+            num_embeds=config.num_embeds,
+        )
+
+    @classmethod
+    def from_vision_text_pretrained(
+        cls,
+        vision_model_name_or_path: str | os.PathLike,
+        text_model_name_or_path: str | os.PathLike,
+        vision_kwargs: dict[str, Any] | None = None,
+        text_kwargs: dict[str, Any] | None = None,
+        **config_kwargs: Any,
+    ) -> "PCMEModel":
+        """Build a model from two pretrained towers (hub ids or local folders) and fresh heads.
+
+        ``config_kwargs`` are :class:`PCMEConfig` fields (``embed_dim``, ``head_type``, ...).
+        """
+        towers = []
+        for name, kwargs in ((vision_model_name_or_path, vision_kwargs), (text_model_name_or_path, text_kwargs)):
+            tower = _load_pretrained_tower(name, **(kwargs or {}))
+            towers.append(tower)
+        vision_model, text_model = towers
+        config = PCMEConfig(vision_config=vision_model.config, text_config=text_model.config, **config_kwargs)
+        return cls(config, vision_model=vision_model, text_model=text_model)
+
+    # ------------------------------------------------------------------ encoding
+    def get_image_features(
+        self,
+        pixel_values: torch.FloatTensor,
+        num_samples: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> ProbabilisticEmbedding:
+        """Embed images: ``pixel_values (B, 3, H, W)`` -> :class:`ProbabilisticEmbedding`.
+
+        ``num_samples`` (default ``config.num_samples``; 0 = none) samples are drawn for
+        probabilistic heads; pass a ``generator`` for reproducible samples.
+        """
+        if pixel_values is None or pixel_values.dim() != 4:
+            shape = None if pixel_values is None else tuple(pixel_values.shape)
+            raise ValueError(f"pixel_values must be a (batch, channels, height, width) tensor, got {shape}.")
+        outputs = self.vision_model(pixel_values=pixel_values)
+        local, pooled, mask = tower_local_and_global(outputs)
+        return self._with_samples(self.image_head(local, pooled, mask), num_samples, generator)
+
+    def get_text_features(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        num_samples: int | None = None,
+        generator: torch.Generator | None = None,
+        **text_kwargs: Any,
+    ) -> ProbabilisticEmbedding:
+        """Embed captions: ``input_ids (B, L)`` (+ ``attention_mask``) -> :class:`ProbabilisticEmbedding`."""
+        if input_ids is None or input_ids.dim() != 2:
+            shape = None if input_ids is None else tuple(input_ids.shape)
+            raise ValueError(f"input_ids must be a (batch, length) tensor, got {shape}.")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}."
+            )
+        outputs = self.text_model(input_ids=input_ids, attention_mask=attention_mask, **text_kwargs)
+        local, pooled, mask = tower_local_and_global(outputs, attention_mask)
+        return self._with_samples(self.text_head(local, pooled, mask), num_samples, generator)
+
+    def _with_samples(
+        self, embedding: ProbabilisticEmbedding, num_samples: int | None, generator: torch.Generator | None
+    ) -> ProbabilisticEmbedding:
+        if embedding.log_sigma2 is None:
+            return embedding
+        num_samples = self.config.num_samples if num_samples is None else num_samples
+        if num_samples > 0:
+            embedding.samples = sample_gaussian(embedding.mean, embedding.log_sigma2, num_samples, generator)
+        return embedding
+
+    # ------------------------------------------------------------------ scoring
+    def match_probability(self, image_embeds: ProbabilisticEmbedding, text_embeds: ProbabilisticEmbedding) -> torch.Tensor:
+        """Match probabilities ``(N_img, N_txt)`` in [0, 1].
+
+        ``match_function="sampled"`` (PCME): ``p = 1/J^2 sum_jj' sigmoid(2(-a ||z_v^j - z_t^j'|| + b))``
+        over the samples (a deterministic embedding is a Gaussian with zero variance, i.e. one
+        sample: its mean; a polysemous item's K embeddings act as its samples).
+        ``match_function="csd"`` (PCME++): ``p = sigmoid(-a CSD(v, t) + b)``.
+        """
+        return self._pairwise(image_embeds, text_embeds, want="prob")
+
+    def pairwise_logits(self, image_embeds: ProbabilisticEmbedding, text_embeds: ProbabilisticEmbedding) -> torch.Tensor:
+        """Ranking scores ``(N_img, N_txt)``, higher = better: the log match probability for probabilistic
+        heads (sampled or CSD, by ``config.match_function``), the cosine of the means for deterministic heads,
+        and the best cosine over the K x K embedding pairs for polysemous heads (PVSE)."""
+        return self._pairwise(image_embeds, text_embeds, want="logits")
+
+    def _pairwise(self, image: ProbabilisticEmbedding, text: ProbabilisticEmbedding, want: str) -> torch.Tensor:
+        blocks = []
+        for rows in iter_row_chunks(image.mean.shape[0], PAIRWISE_CHUNK_SIZE):
+            blocks.append(self._pairwise_block(_slice_embedding(image, rows), text, want))
+        return torch.cat(blocks, dim=0)
+
+    def _pairwise_block(self, image: ProbabilisticEmbedding, text: ProbabilisticEmbedding, want: str) -> torch.Tensor:
+        a, b = self.negative_scale.float(), self.shift.float()
+        if want == "logits" and image.log_sigma2 is None:
+            return _max_cosine(image.mean, text.mean)
+        if self.config.match_function == "csd" and image.log_sigma2 is not None and text.log_sigma2 is not None:
+            logits = -a * pairwise_csd(image.mean, image.log_sigma2, text.mean, text.log_sigma2) + b
+            return torch.sigmoid(logits) if want == "prob" else torch.nn.functional.logsigmoid(logits)
+        log_p, _ = pairwise_sampled_match_log_prob(_as_samples(image), _as_samples(text), a, b)
+        return log_p.exp() if want == "prob" else log_p
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        pixel_values: torch.FloatTensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        return_loss: bool | None = None,
+        positive_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        num_samples: int | None = None,
+        return_dict: bool | None = None,
+        **text_kwargs: Any,
+    ) -> PCMEOutput | tuple:
+        """Embed a batch of images and captions, score every pair, and optionally compute the loss.
+
+        Args:
+            positive_mask: ``(N_img, N_txt)`` bool, which pairs match; ``None`` = the diagonal
+                (pair i is image i with caption i).
+            labels: ``(N,)`` class ids, for the cross-modal centre loss.
+        """
+        image_embeds = self.get_image_features(pixel_values, num_samples=num_samples)
+        text_embeds = self.get_text_features(input_ids, attention_mask, num_samples=num_samples, **text_kwargs)
+        logits = self.pairwise_logits(image_embeds, text_embeds)
+        with torch.no_grad():
+            match_prob = self.match_probability(image_embeds, text_embeds)
+        loss = components = None
+        if return_loss:
+            loss_output = self.compute_loss(image_embeds, text_embeds, positive_mask=positive_mask, labels=labels)
+            loss, components = loss_output.loss, loss_output.components
+        output = PCMEOutput(
+            loss=loss,
+            loss_components=components,
+            logits_per_image=logits,
+            logits_per_text=logits.t(),
+            match_prob=match_prob,
+            image_embeds=image_embeds,
+            text_embeds=text_embeds,
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        return output if return_dict else output.to_tuple()
+
+    def compute_loss(
+        self,
+        image_embeds: ProbabilisticEmbedding,
+        text_embeds: ProbabilisticEmbedding,
+        positive_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+    ):
+        """The configured loss on (possibly gathered) embeddings, with the model's a and b."""
+        return self.criterion(
+            image_embeds,
+            text_embeds,
+            positive_mask,
+            negative_scale=self.negative_scale,
+            shift=self.shift,
+            labels=labels,
+        )
+
+
+def _load_pretrained_tower(name_or_path: str | os.PathLike, **kwargs: Any) -> PreTrainedModel:
+    config_path = os.path.join(str(name_or_path), "config.json")
+    if os.path.isfile(config_path):
+        import json
+
+        with open(config_path, encoding="utf-8") as handle:
+            model_type = json.load(handle).get("model_type")
+        if model_type in BUILTIN_TOWERS:
+            return BUILTIN_TOWERS[model_type].from_pretrained(name_or_path, **kwargs)
+    return AutoModel.from_pretrained(name_or_path, **kwargs)
+
+
+def _slice_embedding(embedding: ProbabilisticEmbedding, rows: slice) -> ProbabilisticEmbedding:
+    return ProbabilisticEmbedding(**{k: (v[rows] if v is not None else None) for k, v in embedding.items()})
+
+
+def _as_samples(embedding: ProbabilisticEmbedding) -> torch.Tensor:
+    if embedding.samples is not None:
+        return embedding.samples
+    return embedding.mean if embedding.mean.dim() == 3 else embedding.mean.unsqueeze(1)
+
+
+def _max_cosine(mean_x: torch.Tensor, mean_y: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of (N, D) / (M, D) means, or the max over K x K pairs for (N, K, D) / (M, K, D)."""
+    x = torch.nn.functional.normalize(mean_x.float(), dim=-1)
+    y = torch.nn.functional.normalize(mean_y.float(), dim=-1)
+    if x.dim() == 2:
+        return x @ y.t()
+    n, k_x, d = x.shape
+    m, k_y, _ = y.shape
+    return (x.reshape(n * k_x, d) @ y.reshape(m * k_y, d).t()).view(n, k_x, m, k_y).amax(dim=(1, 3))
+
+
+__all__ = ["PCMEModel", "PCMEPreTrainedModel", "PCMEOutput", "build_tower", "tower_local_and_global"]
