@@ -8,20 +8,17 @@ from transformers import PreTrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from .configuration_text_encoders import PCMEBiGRUConfig
+from .heads import HEADS
+from .losses import LOSSES
+from .registry import lookup
 
 #: Tower configs shipped with this package. They are resolved here rather than through
 #: ``AutoConfig`` so that a saved model also loads with ``trust_remote_code=True`` in a process
 #: where ``hf_pcme`` is not installed (and so "pcme_bigru" is unknown to ``AutoConfig``).
 BUILTIN_TOWER_CONFIGS: dict[str, type[PreTrainedConfig]] = {"pcme_bigru": PCMEBiGRUConfig}
 
-HEAD_TYPES = ("probabilistic", "deterministic", "polysemous")
-LOSS_TYPES = ("pcme", "pcme++", "infonce", "vsepp", "pvse", "center")
-MATCH_FUNCTIONS = ("sampled", "csd")
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"Unknown {name} {value!r}; valid choices are: {', '.join(choices)}.")
+#: How :meth:`PCMEModel.match_probability` turns two Gaussians into a probability.
+MATCH_FUNCTIONS = {"sampled": "PCME Monte-Carlo over J x J samples", "csd": "PCME++ closed-form sampled distance"}
 
 
 def resolve_tower_config(name: str, value: PreTrainedConfig | dict | None, default_model_type: str) -> PreTrainedConfig:
@@ -92,9 +89,9 @@ class PCMEConfig(PreTrainedConfig):
         self.vision_config = resolve_tower_config("vision_config", self.vision_config, "resnet")
         self.text_config = resolve_tower_config("text_config", self.text_config, "pcme_bigru")
         self.loss_kwargs = dict(self.loss_kwargs or {})
-        _check_choice("head_type", self.head_type, HEAD_TYPES)
-        _check_choice("loss_type", self.loss_type, LOSS_TYPES)
-        _check_choice("match_function", self.match_function, MATCH_FUNCTIONS)
+        lookup(HEADS, self.head_type, "head_type")
+        lookup(LOSSES, self.loss_type, "loss_type")
+        lookup(MATCH_FUNCTIONS, self.match_function, "match_function")
         for name in ("embed_dim", "num_embeds", "num_samples"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")

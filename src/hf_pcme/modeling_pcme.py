@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModel, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
@@ -120,6 +121,33 @@ class PCMEPreTrainedModel(PreTrainedModel):
     base_model_prefix = "pcme"
     main_input_name = "pixel_values"
     input_modalities = ("image", "text")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
+        """``PreTrainedModel.from_pretrained`` that refuses to return a half-loaded model.
+
+        Corrupt or truncated weight files and checkpoints that lack some of the model's weights raise
+        an ``OSError`` naming the folder, instead of silently leaving weights randomly initialised.
+        """
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, loading_info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+            )
+        except SafetensorError as error:
+            raise OSError(
+                f"The weights under {pretrained_model_name_or_path} are corrupt or truncated ({error}). "
+                "Download them again, or re-create them with model.save_pretrained(...)."
+            ) from error
+        missing = sorted(loading_info.get("missing_keys") or [])
+        if missing:
+            shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
+            raise OSError(
+                f"The checkpoint under {pretrained_model_name_or_path} lacks {len(missing)} weights of "
+                f"{cls.__name__} ({shown}). It was saved by a different model or configuration; "
+                "check its config.json, or build the model from its towers with from_vision_text_pretrained."
+            )
+        return (model, loading_info) if output_loading_info else model
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
