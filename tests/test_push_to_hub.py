@@ -299,11 +299,9 @@ def test_transformers_push_to_hub_uploads_weights_config_and_code(subprocess_pus
         assert torch.equal(tensor, expected[name]), name
     assert server.unexpected == []
     # transformers also looks for an existing README.md before pushing; huggingface_hub fetches
-    # the agent registry once per process for its user-agent header.
-    assert server.endpoints_called() == PUSH_ENDPOINTS | {
-        "HEAD /{repo_id}/resolve/{revision}/{path}",
-        "GET /api/agent-harnesses",
-    }
+    # the agent registry once per process for its user-agent header unless telemetry is disabled.
+    required = PUSH_ENDPOINTS | {"HEAD /{repo_id}/resolve/{revision}/{path}"}
+    assert required <= server.endpoints_called() <= required | {"GET /api/agent-harnesses"}
     repo_calls = zip(server.calls, server.authorizations)
     assert {auth for call, auth in repo_calls if "agent-harnesses" not in call} == {f"Bearer {TOKEN}"}
 

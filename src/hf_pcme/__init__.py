@@ -10,8 +10,11 @@ from transformers import AutoConfig, AutoModel, AutoProcessor
 
 from .configuration_pcme import PCMEConfig
 from .configuration_text_encoders import PCMEBiGRUConfig
+from .hub import push_to_hub
+from .index import CrossModalIndex
 from .modeling_pcme import PCMEModel, PCMEOutput, PCMEPreTrainedModel
 from .outputs import LossOutput, ProbabilisticEmbedding
+from .pipeline_cross_modal_retrieval import CrossModalRetrievalPipeline, register_pipeline
 from .processing_pcme import PCMEProcessor
 from .text_encoders import PCMEBiGRUModel
 from .tokenization import build_word_level_tokenizer
@@ -28,11 +31,14 @@ def _register() -> None:
     PCMEConfig.register_for_auto_class()
     PCMEModel.register_for_auto_class("AutoModel")
     PCMEProcessor.register_for_auto_class("AutoProcessor")
+    register_pipeline()
 
 
 _register()
 
 __all__ = [
+    "CrossModalIndex",
+    "CrossModalRetrievalPipeline",
     "LossOutput",
     "PCMEBiGRUConfig",
     "PCMEBiGRUModel",
@@ -43,4 +49,5 @@ __all__ = [
     "PCMEProcessor",
     "ProbabilisticEmbedding",
     "build_word_level_tokenizer",
+    "push_to_hub",
 ]

@@ -92,6 +92,11 @@ class PCMEConfig(PreTrainedConfig):
         lookup(HEADS, self.head_type, "head_type")
         lookup(LOSSES, self.loss_type, "loss_type")
         lookup(MATCH_FUNCTIONS, self.match_function, "match_function")
+        if not type(self).__module__.startswith("transformers_modules"):
+            # A saved folder declares the retrieval pipeline as remote code (for environments without
+            # hf_pcme). Where the package is installed its registered pipeline serves the task, and
+            # keeping the declaration would make transformers demand trust_remote_code=True.
+            kwargs.pop("custom_pipelines", None)
         for name in ("embed_dim", "num_embeds", "num_samples"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")

@@ -149,6 +149,18 @@ class PCMEPreTrainedModel(PreTrainedModel):
             )
         return (model, loading_info) if output_loading_info else model
 
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """``PreTrainedModel.save_pretrained`` that also ships the retrieval pipeline as remote code.
+
+        The folder's config declares ``custom_pipelines`` and holds the pipeline's code, so
+        ``pipeline("cross-modal-retrieval", model=folder, trust_remote_code=True)`` works where
+        hf_pcme is not installed.
+        """
+        from .pipeline_cross_modal_retrieval import declare_pipeline
+
+        declare_pipeline(self.config, save_directory)
+        super().save_pretrained(save_directory, *args, **kwargs)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)

@@ -1,0 +1,946 @@
+"""A searchable corpus of embeddings for cross-modal retrieval, with two interchangeable back ends.
+
+:class:`CrossModalIndex` holds the embeddings of a corpus (captions or images) and returns, for a
+batch of queries, the ``top_k`` items by one of two metrics:
+
+- ``"cosine"``: the cosine of the means (for K embeddings per item, PVSE's best pair:
+  ``s(q, t) = max_{i, j} cos(q_i, t_j)``);
+- ``"csd"``: PCME++'s closed-form sampled distance (Chun, ICLR 2024), smaller = better,
+  ``d(v, t) = ||mu_v - mu_t||^2 + sum sigma_v^2 + sum sigma_t^2`` (a point embedding has sigma = 0).
+
+Both reduce to one maximum-inner-product search. For CSD, with query ``q = [mu_v, 1]`` and item
+``k = [2 mu_t, -(|mu_t|^2 + sum sigma_t^2)]``,
+
+    q . k = -d(v, t) + c(v),    c(v) = |mu_v|^2 + sum sigma_v^2,
+
+and ``c(v)`` does not depend on the item, so ranking by ``q . k`` is ranking by ``-d`` *exactly*,
+and subtracting ``c(v)`` gives ``-d`` itself. The same augmented vectors serve the exact chunked
+torch search (one matrix product per chunk, no per-query pass over the item variances) and a
+FAISS inner-product index (flat: exact; IVF: approximate).
+
+Back ends: ``"torch"`` (exact; on any device; memory flat in the corpus size thanks to chunking)
+and ``"faiss"`` (``pip install hf_pcme[faiss]``). On disk: ``index_config.json`` (metric, sizes,
+model fingerprint), ``ids.json`` (ids and texts), ``embeddings.safetensors`` (means, log variances,
+attention maps) and, for FAISS, ``index.faiss`` written by ``faiss.write_index`` (then the means
+are not stored twice). Nothing is pickled.
+
+An index is immutable once built: a retriever swaps whole indexes (``set_index``), so a query
+always sees one consistent index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .distances import chunked_pairwise, iter_row_chunks
+from .outputs import ProbabilisticEmbedding
+
+try:  # optional: the torch back end works without it (extra `hf_pcme[faiss]`)
+    import faiss
+except ImportError:  # pragma: no cover - exercised only where faiss is missing
+    faiss = None
+
+METRICS = ("cosine", "csd")
+BACKENDS = ("torch", "faiss")
+FAISS_INDEX_TYPES = ("flat", "ivf")
+MODALITIES = ("text", "image")
+
+CONFIG_NAME = "index_config.json"
+IDS_NAME = "ids.json"
+EMBEDDINGS_NAME = "embeddings.safetensors"
+FAISS_NAME = "index.faiss"
+FORMAT_VERSION = 1
+
+#: Upper bound on the elements of one (query rows x item rows) score block of the torch search
+#: (64 MiB of float32): large enough for a fast matrix product, small enough for any device.
+SCORE_BLOCK_ELEMENTS = 1 << 24
+#: Query rows scored at once by the torch search.
+QUERY_CHUNK_ROWS = 1024
+#: Items turned into search vectors at once while building (bounds the temporaries).
+BUILD_CHUNK_ROWS = 65536
+#: Training points per IVF cell for k-means (FAISS wants at least 39).
+IVF_TRAIN_POINTS_PER_CELL = 256
+
+
+def require_faiss() -> Any:
+    """Return the ``faiss`` module, or raise an ``ImportError`` that says how to install it."""
+    if faiss is None:
+        raise ImportError(
+            "The FAISS back end of CrossModalIndex needs the `faiss` package: `pip install hf_pcme[faiss]` "
+            "(or `pip install faiss-cpu`). The exact torch back end (backend='torch') works without it."
+        )
+    return faiss
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"Unknown {name} {value!r}; valid choices are: {', '.join(choices)}.")
+
+
+# ---------------------------------------------------------------------------- model identity
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A short string that identifies which model produced an index's embeddings.
+
+    ``"<head_type>-K<num_embeds>-D<embed_dim>-<sha256 of the projection heads>"``: the config's
+    head type, K and D, plus a hash of the names, shapes and float32 values of the parameters
+    of the two projection heads (``image_head``, ``text_head``; all parameters for a model
+    without them). Two models give the same fingerprint iff their heads are identical, which is
+    what decides whether stored embeddings and fresh query embeddings live in the same space.
+    """
+    config = getattr(model, "config", None)
+    head_type = getattr(config, "head_type", "unknown")
+    num_embeds = getattr(config, "num_embeds", 1) if head_type == "polysemous" else 1
+    embed_dim = getattr(config, "embed_dim", "unknown")
+    heads = [getattr(model, name) for name in ("image_head", "text_head") if hasattr(model, name)]
+    named = [
+        (f"{i}.{name}", param) for i, head in enumerate(heads or [model]) for name, param in head.named_parameters()
+    ]
+    digest = hashlib.sha256()
+    for name, param in named:
+        digest.update(f"{name}:{tuple(param.shape)};".encode())
+        digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
+    return f"{head_type}-K{num_embeds}-D{embed_dim}-{digest.hexdigest()[:16]}"
+
+
+def default_metric(model: torch.nn.Module) -> str:
+    """The ranking metric that matches how a model was trained.
+
+    ``"csd"`` for probabilistic heads trained with the closed-form distance (PCME++,
+    ``match_function="csd"``), ``"cosine"`` otherwise (PCME ranks by the inner product of the
+    sample means, VSE++ / InfoNCE / PVSE by the cosine).
+    """
+    config = getattr(model, "config", None)
+    if getattr(config, "head_type", None) == "probabilistic" and getattr(config, "match_function", None) == "csd":
+        return "csd"
+    return "cosine"
+
+
+# ---------------------------------------------------------------------------- augmented vectors
+def _as_rows(mean: torch.Tensor, name: str) -> torch.Tensor:
+    """``(N, D)`` or ``(N, K, D)`` -> float32 ``(N, K, D)``."""
+    if mean.dim() == 2:
+        mean = mean.unsqueeze(1)
+    if mean.dim() != 3:
+        raise ValueError(f"{name} must be (N, D) or (N, K, D) (K embeddings per item), got {tuple(mean.shape)}.")
+    return mean.float()
+
+
+def _variance_sum(mean: torch.Tensor, log_sigma2: torch.Tensor | None) -> torch.Tensor:
+    """``sum_d sigma^2`` per embedding, shape ``(N, K)``; 0 for point embeddings."""
+    if log_sigma2 is None:
+        return mean.new_zeros(mean.shape[:2])
+    return log_sigma2.float().exp().sum(-1, keepdim=True).expand(mean.shape[:2])
+
+
+def item_search_vectors(mean: torch.Tensor, log_sigma2: torch.Tensor | None, metric: str) -> torch.Tensor:
+    """Item side of the inner-product search, float32 ``(N, K, D')``.
+
+    cosine: ``mu / |mu|`` (D' = D). csd: ``[2 mu, -(|mu|^2 + sum sigma^2)]`` (D' = D + 1).
+    Filled block by block, so the only large allocation is the result (no N x D temporaries).
+    """
+    mean = _as_rows(mean, "mean")
+    out = torch.empty(*mean.shape[:2], mean.shape[-1] + (metric == "csd"), dtype=torch.float32, device=mean.device)
+    for rows in iter_row_chunks(mean.shape[0], BUILD_CHUNK_ROWS):
+        out[rows] = _item_vectors_block(mean[rows], log_sigma2[rows] if log_sigma2 is not None else None, metric)
+    return out
+
+
+def _item_vectors_block(mean: torch.Tensor, log_sigma2: torch.Tensor | None, metric: str) -> torch.Tensor:
+    mean = mean.float()
+    if metric == "cosine":
+        return F.normalize(mean, dim=-1)
+    offset = mean.pow(2).sum(-1) + _variance_sum(mean, log_sigma2)
+    return torch.cat([2.0 * mean, -offset.unsqueeze(-1)], dim=-1)
+
+
+def query_search_vectors(
+    mean: torch.Tensor, log_sigma2: torch.Tensor | None, metric: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query side: vectors ``(Q, K, D')`` and offsets ``(Q, K)`` with ``score = q . k - offset``.
+
+    cosine: ``(mu / |mu|, 0)``, so the score is the cosine. csd: ``([mu, 1], |mu|^2 + sum sigma^2)``,
+    so the score is ``-d(v, t)`` exactly (REFERENCE.md, section 2).
+    """
+    mean = _as_rows(mean, "query_mean")
+    if metric == "cosine":
+        return F.normalize(mean, dim=-1), mean.new_zeros(mean.shape[:2])
+    offset = mean.pow(2).sum(-1) + _variance_sum(mean, log_sigma2)
+    return torch.cat([mean, torch.ones_like(mean[..., :1])], dim=-1), offset
+
+
+def _means_from_search_vectors(vectors: torch.Tensor, metric: str) -> torch.Tensor:
+    # 2 * mu / 2 is exact in floating point, so nothing is lost by storing only the search vectors.
+    return vectors if metric == "cosine" else vectors[..., :-1] * 0.5
+
+
+# ---------------------------------------------------------------------------- results
+@dataclass
+class SearchResult:
+    """Top-k items per query, best first.
+
+    Args:
+        scores: ``(Q, k)`` float32; the cosine, or ``-d`` for CSD (higher = better).
+        indices: ``(Q, k)`` int64 positions in the index (-1 where an approximate FAISS IVF
+            search found fewer than k items; their score is ``-inf``).
+        distances: ``(Q, k)`` CSD distances ``d = -scores`` for ``metric="csd"``, else ``None``.
+    """
+
+    scores: torch.Tensor
+    indices: torch.Tensor
+    distances: torch.Tensor | None = None
+
+
+def _merge_topk(
+    best: tuple[torch.Tensor, torch.Tensor] | None, scores: torch.Tensor, indices: torch.Tensor, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if best is not None:
+        scores = torch.cat([best[0], scores], dim=1)
+        indices = torch.cat([best[1], indices], dim=1)
+    k = min(top_k, scores.shape[1])
+    scores, order = scores.topk(k, dim=1)
+    return scores, indices.gather(1, order)
+
+
+def _pair_max(scores: torch.Tensor, num_queries: int, query_embeds: int, items: int, item_embeds: int) -> torch.Tensor:
+    """``(Q*Kq, N*K)`` scores of single embeddings -> ``(Q, N)`` item scores (max over the K x K pairs)."""
+    if query_embeds == 1 and item_embeds == 1:
+        return scores
+    return scores.view(num_queries, query_embeds, items, item_embeds).amax(dim=(1, 3))
+
+
+# ---------------------------------------------------------------------------- the index
+class CrossModalIndex:
+    """An immutable, searchable corpus of (probabilistic) embeddings.
+
+    Build one with :meth:`from_embeddings` (tensors you already have), :meth:`build` (a model,
+    its processor and a corpus of captions or images) or :meth:`load` (a saved index).
+
+    Attributes:
+        ids: one JSON-serialisable id (str or int) per item.
+        texts: the captions of a text corpus (``None`` for images).
+        modality: ``"text"`` or ``"image"``: what the items are.
+        metric: ``"cosine"`` or ``"csd"``.
+        backend: ``"torch"`` or ``"faiss"``.
+        embed_dim: D.  num_embeds: K embeddings per item (1 except for polysemous heads).
+        log_sigma2: ``(N, D)`` item log variances or ``None``.
+        uncertainty: ``(N,)`` mean over D of sigma^2 (``ProbabilisticEmbedding.uncertainty``) or ``None``.
+        attention: ``(N, K, L)`` attention maps of the items' pooling head (image corpora) or ``None``.
+        model_fingerprint: :func:`model_fingerprint` of the model that embedded the corpus, or ``None``.
+    """
+
+    def __init__(
+        self,
+        *,
+        vectors: torch.Tensor | None,
+        faiss_index: Any,
+        num_items: int,
+        embed_dim: int,
+        num_embeds: int,
+        log_sigma2: torch.Tensor | None,
+        attention: torch.Tensor | None,
+        ids: list,
+        texts: list[str] | None,
+        modality: str,
+        metric: str,
+        backend: str,
+        faiss_index_type: str,
+        nlist: int | None,
+        nprobe: int,
+        model_fingerprint: str | None,
+        chunk_size: int | None,
+    ):
+        # Use the constructors (from_embeddings, build, load); this one trusts its arguments.
+        self._vectors = vectors
+        self._faiss_index = faiss_index
+        self.num_items = num_items
+        self.embed_dim = embed_dim
+        self.num_embeds = num_embeds
+        self.log_sigma2 = log_sigma2
+        self.attention = attention
+        self.ids = ids
+        self.texts = texts
+        self.modality = modality
+        self.metric = metric
+        self.backend = backend
+        self.faiss_index_type = faiss_index_type
+        self.nlist = nlist
+        self.nprobe = nprobe
+        self.model_fingerprint = model_fingerprint
+        self.chunk_size = chunk_size
+        self.uncertainty = _uncertainty(log_sigma2)
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_embeddings(
+        cls,
+        mean: torch.Tensor,
+        log_sigma2: torch.Tensor | None = None,
+        *,
+        ids: Sequence[str | int] | None = None,
+        texts: Sequence[str] | None = None,
+        attention: torch.Tensor | None = None,
+        modality: str = "text",
+        metric: str = "cosine",
+        backend: str = "torch",
+        faiss_index_type: str = "flat",
+        nlist: int | None = None,
+        nprobe: int = 16,
+        model_fingerprint: str | None = None,
+        device: torch.device | str | None = None,
+        chunk_size: int | None = None,
+    ) -> "CrossModalIndex":
+        """Index embeddings you already have.
+
+        Args:
+            mean: ``(N, D)`` means, or ``(N, K, D)`` for K embeddings per item (PVSE).
+            log_sigma2: ``(N, D)`` log variances, or ``None`` for point embeddings.
+            ids: one str / int per item (default ``0..N-1``).
+            texts: the captions, for a text corpus (returned with the results).
+            attention: ``(N, K, L)`` attention maps of the items, kept for display.
+            modality: what the items are, ``"text"`` or ``"image"``.
+            metric: ``"cosine"`` or ``"csd"``.
+            backend: ``"torch"`` (exact, chunked) or ``"faiss"`` (inner-product index).
+            faiss_index_type: ``"flat"`` (exact) or ``"ivf"`` (approximate, ``nlist`` cells,
+                ``nprobe`` visited per query; default ``nlist = 4 sqrt(N)``).
+            model_fingerprint: :func:`model_fingerprint` of the model that made the embeddings.
+            device: where the torch back end keeps its vectors (default: the device of ``mean``).
+            chunk_size: items scored per block by the torch back end (default: automatic,
+                bounded to 64 MiB of scores).
+        """
+        _check_choice("modality", modality, MODALITIES)
+        _check_choice("metric", metric, METRICS)
+        _check_choice("backend", backend, BACKENDS)
+        _check_choice("faiss_index_type", faiss_index_type, FAISS_INDEX_TYPES)
+        if not isinstance(mean, torch.Tensor):
+            raise TypeError(f"mean must be a torch.Tensor, got {type(mean).__name__}.")
+        if mean.dim() not in (2, 3):
+            raise ValueError(f"mean must be (N, D) or (N, K, D), got shape {tuple(mean.shape)}.")
+        num_items = mean.shape[0]
+        if num_items == 0:
+            raise ValueError("The corpus is empty: mean has 0 rows. Give at least one item to index.")
+        if log_sigma2 is not None:
+            if mean.dim() != 2 or log_sigma2.shape != mean.shape:
+                raise ValueError(
+                    f"log_sigma2 must have the shape of mean (N, D) = {tuple(mean.shape)}, "
+                    f"got {tuple(log_sigma2.shape)}."
+                )
+            log_sigma2 = log_sigma2.detach().float().cpu()
+        ids = _check_ids(ids, num_items)
+        if texts is not None:
+            texts = [str(t) for t in texts]
+            if len(texts) != num_items:
+                raise ValueError(f"texts must have one entry per item ({num_items}), got {len(texts)}.")
+        if attention is not None:
+            if attention.dim() != 3 or attention.shape[0] != num_items:
+                raise ValueError(f"attention must be (N, K, L) with N = {num_items}, got {tuple(attention.shape)}.")
+            attention = attention.detach().float().cpu()
+        if backend == "faiss":
+            require_faiss()
+        if nprobe < 1:
+            raise ValueError(f"nprobe must be >= 1, got {nprobe}.")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}.")
+
+        mean = mean.detach()
+        vectors = faiss_index = None
+        if backend == "faiss":  # FAISS holds the only copy of the vectors
+            faiss_index, nlist = _build_faiss_index(mean.cpu(), log_sigma2, metric, faiss_index_type, nlist, nprobe)
+        else:
+            mean = mean.to(device) if device is not None else mean
+            vectors = item_search_vectors(mean, log_sigma2.to(mean.device) if log_sigma2 is not None else None, metric)
+        del mean
+        return cls(
+            vectors=vectors.contiguous() if vectors is not None else None,
+            faiss_index=faiss_index,
+            num_items=num_items,
+            embed_dim=_embed_dim_of(vectors, faiss_index, metric),
+            num_embeds=_num_embeds_of(vectors, faiss_index, num_items),
+            log_sigma2=log_sigma2,
+            attention=attention,
+            ids=ids,
+            texts=texts,
+            modality=modality,
+            metric=metric,
+            backend=backend,
+            faiss_index_type=faiss_index_type if backend == "faiss" else "flat",
+            nlist=nlist if backend == "faiss" and faiss_index_type == "ivf" else None,
+            nprobe=nprobe,
+            model_fingerprint=model_fingerprint,
+            chunk_size=chunk_size,
+        )
+
+    @classmethod
+    def build(
+        cls,
+        model: torch.nn.Module,
+        processor: Callable[..., Any],
+        corpus: Sequence[Any],
+        modality: str | None = None,
+        *,
+        batch_size: int = 32,
+        ids: Sequence[str | int] | None = None,
+        metric: str | None = None,
+        backend: str = "torch",
+        faiss_index_type: str = "flat",
+        nlist: int | None = None,
+        nprobe: int = 16,
+        store_attention: bool = True,
+        device: torch.device | str | None = None,
+        progress_bar: bool = True,
+        chunk_size: int | None = None,
+    ) -> "CrossModalIndex":
+        """Embed a corpus with a model and index it.
+
+        Args:
+            model: a :class:`PCMEModel` (anything with ``get_text_features`` /
+                ``get_image_features`` returning :class:`ProbabilisticEmbedding`).
+            processor: a :class:`PCMEProcessor`, or the tokenizer (texts) / image processor
+                (images) alone: called as ``processor(text=...)`` or ``processor(images=...)``.
+            corpus: captions (str), or images (PIL images or local paths).
+            modality: ``"text"`` or ``"image"``; default: images if every item is a PIL image or a
+                ``pathlib.Path``, texts if every item is a str (so give ``"image"`` for paths as str).
+            batch_size: items embedded per forward pass.
+            ids: default: the paths of path images, else ``0..N-1``.
+            metric: default :func:`default_metric` of the model.
+            store_attention: keep the image items' attention maps (``(N, K, L)``) for display.
+            device: where the torch back end keeps its vectors (default: the model's device).
+        """
+        corpus = list(corpus)
+        if not corpus:
+            raise ValueError("The corpus is empty: give at least one caption or image to index.")
+        modality = infer_modality(corpus, "corpus") if modality is None else modality
+        _check_choice("modality", modality, MODALITIES)
+        if ids is None and modality == "image" and all(isinstance(item, (str, Path)) for item in corpus):
+            ids = [str(item) for item in corpus]
+        texts = [str(t) for t in corpus] if modality == "text" else None
+        keep_attention = store_attention and modality == "image"
+        embeddings = encode_corpus(
+            model,
+            processor,
+            corpus,
+            modality,
+            batch_size=batch_size,
+            return_attention=keep_attention,
+            progress_bar=progress_bar,
+        )
+        return cls.from_embeddings(
+            embeddings.mean,
+            embeddings.log_sigma2,
+            ids=ids,
+            texts=texts,
+            attention=embeddings.attention if keep_attention else None,
+            modality=modality,
+            metric=metric or default_metric(model),
+            backend=backend,
+            faiss_index_type=faiss_index_type,
+            nlist=nlist,
+            nprobe=nprobe,
+            model_fingerprint=model_fingerprint(model),
+            device=device,
+            chunk_size=chunk_size,
+        )
+
+    # ------------------------------------------------------------------ properties
+    def __len__(self) -> int:
+        return self.num_items
+
+    def __repr__(self) -> str:
+        extra = f", faiss_index_type={self.faiss_index_type!r}" if self.backend == "faiss" else ""
+        return (
+            f"CrossModalIndex(num_items={self.num_items}, modality={self.modality!r}, metric={self.metric!r}, "
+            f"backend={self.backend!r}{extra}, embed_dim={self.embed_dim}, num_embeds={self.num_embeds})"
+        )
+
+    @property
+    def device(self) -> torch.device:
+        """Where the torch back end searches (FAISS: always the CPU)."""
+        return self._vectors.device if self._vectors is not None else torch.device("cpu")
+
+    @property
+    def search_dim(self) -> int:
+        """D' = D (cosine) or D + 1 (CSD): the size of the vectors actually searched."""
+        return self.embed_dim + (1 if self.metric == "csd" else 0)
+
+    def nbytes(self) -> int:
+        """Bytes held by the searchable vectors (the FAISS codes, or the torch tensor), per index."""
+        if self._vectors is not None:
+            return self._vectors.numel() * self._vectors.element_size()
+        return self.num_items * self.num_embeds * self.search_dim * 4  # float32 codes of a flat / IVF-flat index
+
+    def item_embeddings(self, indices: torch.Tensor) -> ProbabilisticEmbedding:
+        """The stored embeddings of some items: ``mean (n, D)`` or ``(n, K, D)``, ``log_sigma2 (n, D)`` or ``None``."""
+        flat = torch.as_tensor(indices, dtype=torch.long).reshape(-1).cpu()
+        if self._vectors is not None:
+            vectors = self._vectors[flat.to(self._vectors.device)].float()
+        else:
+            rows = (flat.unsqueeze(1) * self.num_embeds + torch.arange(self.num_embeds)).reshape(-1)
+            vectors = torch.from_numpy(self._faiss_index.reconstruct_batch(rows.numpy()))
+            vectors = vectors.view(flat.shape[0], self.num_embeds, -1)
+        mean = _means_from_search_vectors(vectors, self.metric)
+        if self.num_embeds == 1:
+            mean = mean.squeeze(1)
+        log_sigma2 = self.log_sigma2[flat] if self.log_sigma2 is not None else None
+        return ProbabilisticEmbedding(mean=mean, log_sigma2=log_sigma2)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """All stored means, ``(N, D)`` or ``(N, K, D)`` (L2-normalised for the cosine metric)."""
+        return self.item_embeddings(torch.arange(self.num_items)).mean
+
+    def check_compatible(self, model_fingerprint: str | None = None, embed_dim: int | None = None) -> None:
+        """Raise a ``ValueError`` if this index was built by another model or for another embedding size.
+
+        A ``None`` argument (or an index without a fingerprint) is not checked.
+        """
+        if embed_dim is not None and int(embed_dim) != self.embed_dim:
+            raise ValueError(
+                f"The index holds {self.embed_dim}-d embeddings but the model makes {embed_dim}-d ones: "
+                "rebuild the index with this model (CrossModalIndex.build)."
+            )
+        if model_fingerprint is not None and self.model_fingerprint is not None:
+            if model_fingerprint != self.model_fingerprint:
+                raise ValueError(
+                    f"The index was built by a different model (fingerprint {self.model_fingerprint!r}, this model: "
+                    f"{model_fingerprint!r}); its embeddings are not comparable with this model's queries. "
+                    "Rebuild the index with this model (CrossModalIndex.build)."
+                )
+
+    def to(self, device: torch.device | str) -> "CrossModalIndex":
+        """A copy of this index whose torch back end searches on ``device`` (FAISS indexes stay on the CPU)."""
+        if self._vectors is None:
+            return self
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        clone._vectors = self._vectors.to(device)
+        return clone
+
+    # ------------------------------------------------------------------ search
+    def search(
+        self, query_mean: torch.Tensor, query_log_sigma2: torch.Tensor | None = None, top_k: int = 5
+    ) -> SearchResult:
+        """The ``top_k`` items of each query, best first.
+
+        Args:
+            query_mean: ``(Q, D)`` or ``(Q, K, D)`` query means.
+            query_log_sigma2: ``(Q, D)`` log variances (CSD; ``None`` = point queries).
+            top_k: items per query, ``1 <= top_k <= len(self)``.
+        Returns:
+            :class:`SearchResult` on the CPU; for CSD, ``distances`` are exact CSDs.
+        """
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+            raise ValueError(f"top_k must be a positive integer, got {top_k!r}.")
+        if top_k > self.num_items:
+            raise ValueError(
+                f"top_k={top_k} is larger than the corpus ({self.num_items} items); ask for at most {self.num_items}."
+            )
+        if query_mean.dim() not in (2, 3) or query_mean.shape[-1] != self.embed_dim:
+            raise ValueError(
+                f"query_mean must be (Q, {self.embed_dim}) or (Q, K, {self.embed_dim}) to match the index, "
+                f"got {tuple(query_mean.shape)}: was the index built by another model?"
+            )
+        if query_log_sigma2 is not None and (query_mean.dim() != 2 or query_log_sigma2.shape != query_mean.shape):
+            raise ValueError(
+                f"query_log_sigma2 must have the shape of query_mean {tuple(query_mean.shape)}, "
+                f"got {tuple(query_log_sigma2.shape)}."
+            )
+        if self.metric == "csd" and (query_log_sigma2 is None) != (self.log_sigma2 is None):
+            which = "the index has variances but the queries do not" if query_log_sigma2 is None else (
+                "the queries have variances but the index does not"
+            )
+            raise ValueError(f"CSD needs variances on both sides or neither: {which}. Use one model for both.")
+        device = self.device
+        query_mean = query_mean.detach().to(device)
+        if query_log_sigma2 is not None:
+            query_log_sigma2 = query_log_sigma2.detach().to(device)
+        # Full precision even inside autocast: a half-precision product would blur close scores.
+        with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
+            query_vectors, offsets = query_search_vectors(query_mean, query_log_sigma2, self.metric)
+            if self.backend == "torch":
+                scores, indices = self._torch_search(query_vectors, offsets, top_k)
+            else:
+                scores, indices = self._faiss_search(query_vectors, offsets, top_k)
+        scores, indices = scores.cpu(), indices.cpu()
+        distances = -scores if self.metric == "csd" else None
+        return SearchResult(scores=scores, indices=indices, distances=distances)
+
+    def _torch_search(
+        self, query_vectors: torch.Tensor, offsets: torch.Tensor, top_k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        num_queries, query_embeds, dim = query_vectors.shape
+        item_embeds = self.num_embeds
+        all_scores, all_indices = [], []
+        for query_rows in iter_row_chunks(num_queries, QUERY_CHUNK_ROWS):
+            queries = query_vectors[query_rows].reshape(-1, dim)
+            query_offsets = offsets[query_rows].reshape(-1, 1)
+            chunk_queries = query_rows.stop - query_rows.start
+            chunk_size = self.chunk_size or max(1, SCORE_BLOCK_ELEMENTS // (queries.shape[0] * item_embeds))
+
+            def block_scores(items: torch.Tensor, queries: torch.Tensor, query_offsets: torch.Tensor) -> torch.Tensor:
+                # score = q . k - c(q): cosine, or -CSD exactly; then the best of the K x K pairs.
+                raw = torch.addmm(-query_offsets, queries, items.reshape(-1, dim).t())
+                return _pair_max(raw, chunk_queries, query_embeds, items.shape[0], item_embeds)
+
+            best = None
+            for item_rows, scores in chunked_pairwise(
+                block_scores, (self._vectors,), (queries, query_offsets), chunk_size=chunk_size
+            ):
+                k = min(top_k, scores.shape[1])
+                block_best, block_indices = scores.topk(k, dim=1)
+                best = _merge_topk(best, block_best, block_indices + item_rows.start, top_k)
+            all_scores.append(best[0])
+            all_indices.append(best[1])
+        return torch.cat(all_scores), torch.cat(all_indices)
+
+    def _faiss_search(
+        self, query_vectors: torch.Tensor, offsets: torch.Tensor, top_k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        num_queries, query_embeds, dim = query_vectors.shape
+        item_embeds = self.num_embeds
+        flat_queries = query_vectors.reshape(-1, dim).float().cpu().contiguous().numpy()
+        flat_offsets = offsets.reshape(-1, 1).float().cpu()
+        if query_embeds == 1 and item_embeds == 1:
+            raw, rows = self._faiss_index.search(flat_queries, top_k)
+            rows = torch.from_numpy(rows)
+            scores = torch.from_numpy(raw) - flat_offsets
+            return scores.masked_fill(rows < 0, -math.inf), rows
+        # K embeddings per item / query: an item's score is its best pair. Each of the query's
+        # embeddings finds its top_k items within its top (top_k * K) rows (K rows per item), and
+        # an item of the overall top_k is in the per-embedding top_k of the embedding that attains
+        # its best pair; so re-scoring the union of those candidates exactly gives the exact top_k.
+        rows_per_query = min(top_k * item_embeds, self.num_items * item_embeds)
+        _, rows = self._faiss_index.search(flat_queries, rows_per_query)
+        candidates = torch.from_numpy(rows).view(num_queries, -1)
+        all_scores = torch.full((num_queries, top_k), -math.inf)
+        all_indices = torch.full((num_queries, top_k), -1, dtype=torch.long)
+        for q in range(num_queries):
+            items = torch.unique(candidates[q][candidates[q] >= 0] // item_embeds)
+            rows_q = (items.unsqueeze(1) * item_embeds + torch.arange(item_embeds)).reshape(-1)
+            vectors = torch.from_numpy(self._faiss_index.reconstruct_batch(rows_q.numpy()))
+            query_offsets = flat_offsets.view(num_queries, query_embeds)[q, :, None]
+            raw = query_vectors[q].float().cpu() @ vectors.t() - query_offsets
+            scores = raw.view(query_embeds, items.numel(), item_embeds).amax(dim=(0, 2))
+            k = min(top_k, items.numel())
+            best, order = scores.topk(k)
+            all_scores[q, :k] = best
+            all_indices[q, :k] = items[order]
+        return all_scores, all_indices
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the index to ``directory`` (created if needed); returns the directory.
+
+        ``index_config.json`` + ``ids.json`` + ``embeddings.safetensors`` (+ ``index.faiss``).
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, torch.Tensor] = {}
+        if self.backend == "faiss":
+            require_faiss().write_index(self._faiss_index, str(directory / FAISS_NAME))
+        else:
+            tensors["mean"] = self.mean.cpu().contiguous()
+        if self.log_sigma2 is not None:
+            tensors["log_sigma2"] = self.log_sigma2.contiguous()
+        if self.attention is not None:
+            tensors["attention"] = self.attention.contiguous()
+        if tensors:
+            save_file(tensors, str(directory / EMBEDDINGS_NAME), metadata={"format": "pt"})
+        config = {
+            "format_version": FORMAT_VERSION,
+            "num_items": self.num_items,
+            "embed_dim": self.embed_dim,
+            "num_embeds": self.num_embeds,
+            "modality": self.modality,
+            "metric": self.metric,
+            "backend": self.backend,
+            "faiss_index_type": self.faiss_index_type,
+            "nlist": self.nlist,
+            "nprobe": self.nprobe,
+            "model_fingerprint": self.model_fingerprint,
+        }
+        (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        (directory / IDS_NAME).write_text(json.dumps({"ids": self.ids, "texts": self.texts}), encoding="utf-8")
+        return directory
+
+    @classmethod
+    def load(
+        cls,
+        directory: str | os.PathLike,
+        *,
+        backend: str | None = None,
+        device: torch.device | str | None = None,
+        nprobe: int | None = None,
+    ) -> "CrossModalIndex":
+        """Read an index written by :meth:`save`.
+
+        ``backend`` (default: the saved one) may differ from the saved back end: the vectors
+        are then moved into the other one. ``device`` places the torch back end.
+        """
+        directory = Path(directory)
+        config_path = directory / CONFIG_NAME
+        if not config_path.is_file():
+            raise FileNotFoundError(
+                f"No {CONFIG_NAME} in {directory}: not a directory written by CrossModalIndex.save."
+            )
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        if config.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"Unsupported index format_version {config.get('format_version')!r} (expected {FORMAT_VERSION})."
+            )
+        names = json.loads((directory / IDS_NAME).read_text(encoding="utf-8"))
+        tensors = load_file(str(directory / EMBEDDINGS_NAME)) if (directory / EMBEDDINGS_NAME).is_file() else {}
+        saved_backend = config["backend"]
+        backend = backend or saved_backend
+        _check_choice("backend", backend, BACKENDS)
+        nprobe = nprobe if nprobe is not None else config["nprobe"]
+        common = dict(
+            ids=names["ids"],
+            texts=names["texts"],
+            attention=tensors.get("attention"),
+            modality=config["modality"],
+            metric=config["metric"],
+            model_fingerprint=config["model_fingerprint"],
+        )
+        if saved_backend == "faiss":
+            faiss_index = _read_faiss_index(directory, config, nprobe)
+            if backend == "faiss":
+                log_sigma2 = tensors.get("log_sigma2")
+                return cls(
+                    vectors=None,
+                    faiss_index=faiss_index,
+                    num_items=config["num_items"],
+                    embed_dim=config["embed_dim"],
+                    num_embeds=config["num_embeds"],
+                    log_sigma2=log_sigma2.float() if log_sigma2 is not None else None,
+                    backend="faiss",
+                    faiss_index_type=config["faiss_index_type"],
+                    nlist=config["nlist"],
+                    nprobe=nprobe,
+                    chunk_size=None,
+                    **{**common, "ids": _check_ids(common["ids"], config["num_items"])},
+                )
+            rows = faiss_index.reconstruct_n(0, faiss_index.ntotal)
+            vectors = torch.from_numpy(rows).view(config["num_items"], config["num_embeds"], -1)
+            mean = _means_from_search_vectors(vectors, config["metric"])
+            mean = mean.squeeze(1) if config["num_embeds"] == 1 else mean
+        else:
+            mean = tensors["mean"]
+        return cls.from_embeddings(
+            mean,
+            tensors.get("log_sigma2"),
+            backend=backend,
+            faiss_index_type=config["faiss_index_type"],
+            nlist=config["nlist"],
+            nprobe=nprobe,
+            device=device,
+            **common,
+        )
+
+
+def _read_faiss_index(directory: Path, config: dict, nprobe: int) -> Any:
+    index = require_faiss().read_index(str(directory / FAISS_NAME))
+    expected_rows = config["num_items"] * config["num_embeds"]
+    expected_dim = config["embed_dim"] + (1 if config["metric"] == "csd" else 0)
+    if index.ntotal != expected_rows or index.d != expected_dim:
+        raise ValueError(
+            f"{FAISS_NAME} holds {index.ntotal} vectors of size {index.d}, but {CONFIG_NAME} says "
+            f"{expected_rows} of size {expected_dim}: the files do not belong together."
+        )
+    if config["faiss_index_type"] == "ivf":
+        faiss.extract_index_ivf(index).nprobe = nprobe
+    return index
+
+# ---------------------------------------------------------------------------- helpers
+def _check_ids(ids: Sequence[Any] | None, num_items: int) -> list:
+    if ids is None:
+        return list(range(num_items))
+    ids = [str(i) if isinstance(i, Path) else i for i in ids]
+    if len(ids) != num_items:
+        raise ValueError(f"ids must have one entry per item ({num_items}), got {len(ids)}.")
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, (str, int)):
+            raise ValueError(f"ids must be str or int (they are saved as JSON), got {type(i).__name__}: {i!r}.")
+    return ids
+
+
+def _uncertainty(log_sigma2: torch.Tensor | None) -> torch.Tensor | None:
+    """``ProbabilisticEmbedding.uncertainty`` (mean over D of sigma^2) per item, block by block."""
+    if log_sigma2 is None:
+        return None
+    blocks = [
+        ProbabilisticEmbedding(log_sigma2=log_sigma2[rows]).uncertainty
+        for rows in iter_row_chunks(log_sigma2.shape[0], BUILD_CHUNK_ROWS)
+    ]
+    return torch.cat(blocks)
+
+
+def _embed_dim_of(vectors: torch.Tensor | None, faiss_index: Any, metric: str) -> int:
+    dim = vectors.shape[-1] if vectors is not None else faiss_index.d
+    return dim - (1 if metric == "csd" else 0)
+
+
+def _num_embeds_of(vectors: torch.Tensor | None, faiss_index: Any, num_items: int) -> int:
+    return vectors.shape[1] if vectors is not None else faiss_index.ntotal // num_items
+
+
+def _build_faiss_index(
+    mean: torch.Tensor,
+    log_sigma2: torch.Tensor | None,
+    metric: str,
+    index_type: str,
+    nlist: int | None,
+    nprobe: int,
+) -> tuple[Any, int | None]:
+    """An inner-product FAISS index of the items' search vectors (one FAISS row per embedding).
+
+    Vectors are made and added block by block: the index's own storage is the only full copy.
+    """
+    faiss_module = require_faiss()
+    mean = _as_rows(mean, "mean")
+    num_items, num_embeds, dim = mean.shape[0], mean.shape[1], mean.shape[2] + (metric == "csd")
+
+    def block(rows: slice | torch.Tensor) -> Any:
+        vectors = _item_vectors_block(mean[rows], log_sigma2[rows] if log_sigma2 is not None else None, metric)
+        return vectors.reshape(-1, dim).contiguous().numpy()
+
+    if index_type == "flat":
+        index = faiss_module.IndexFlatIP(dim)
+    else:
+        num_rows = num_items * num_embeds
+        nlist = nlist or max(1, min(num_rows, int(4 * math.sqrt(num_rows))))
+        if nlist > num_rows:
+            raise ValueError(f"nlist={nlist} is larger than the number of vectors ({num_rows}): use a smaller nlist.")
+        index = faiss_module.IndexIVFFlat(faiss_module.IndexFlatIP(dim), dim, nlist, faiss_module.METRIC_INNER_PRODUCT)
+        # k-means needs a few dozen points per cell; a fixed random subset keeps training fast and reproducible.
+        sample_items = min(num_items, max(IVF_TRAIN_POINTS_PER_CELL * nlist // num_embeds, 1))
+        sample = torch.randperm(num_items, generator=torch.Generator().manual_seed(0))[:sample_items].sort().values
+        index.train(block(sample))
+        index.nprobe = nprobe
+    for rows in iter_row_chunks(num_items, BUILD_CHUNK_ROWS):
+        index.add(block(rows))
+    if index_type == "ivf":
+        index.make_direct_map()  # so that item_embeddings can reconstruct rows by position
+    return index, nlist
+
+
+def infer_modality(items: Sequence[Any], name: str) -> str:
+    """``"image"`` if every item is a PIL image or a ``pathlib.Path``, ``"text"`` if every item is a str.
+
+    Raises a ``ValueError`` naming ``name`` for mixed or unsupported items.
+    """
+    from PIL import Image
+
+    kinds = set()
+    for item in items:
+        if isinstance(item, str):
+            kinds.add("text")
+        elif isinstance(item, (Image.Image, Path)):
+            kinds.add("image")
+        else:
+            raise ValueError(
+                f"{name} items must be str (captions) or PIL images / pathlib.Path (images), got {type(item).__name__}."
+            )
+    if len(kinds) != 1:
+        raise ValueError(
+            f"{name} mixes captions (str) and images (PIL / Path): give one modality per call. "
+            "For image paths given as str, pass the modality explicitly."
+        )
+    return kinds.pop()
+
+
+def load_images(items: Sequence[Any]) -> list:
+    """PIL images (RGB, EXIF-upright) from PIL images or local paths."""
+    from transformers.image_utils import load_image
+
+    return [load_image(str(item) if isinstance(item, Path) else item) for item in items]
+
+
+def encode_batch(
+    model: torch.nn.Module,
+    processor: Callable[..., Any],
+    items: Sequence[Any],
+    modality: str,
+    *,
+    num_samples: int = 0,
+) -> ProbabilisticEmbedding:
+    """Embed one batch of captions or images with ``model`` on its own device (no gradients)."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        if modality == "text":
+            inputs = processor(text=list(items), padding=True, truncation=True, return_tensors="pt")
+            return model.get_text_features(
+                input_ids=inputs["input_ids"].to(device),
+                attention_mask=inputs["attention_mask"].to(device) if "attention_mask" in inputs else None,
+                num_samples=num_samples,
+            )
+        inputs = processor(images=load_images(items), return_tensors="pt")
+        pixel_values = inputs["pixel_values"].to(device=device, dtype=next(model.parameters()).dtype)
+        return model.get_image_features(pixel_values=pixel_values, num_samples=num_samples)
+
+
+def encode_corpus(
+    model: torch.nn.Module,
+    processor: Callable[..., Any],
+    items: Sequence[Any],
+    modality: str,
+    *,
+    batch_size: int = 32,
+    return_attention: bool = False,
+    progress_bar: bool = True,
+) -> ProbabilisticEmbedding:
+    """Embed a whole corpus in batches (with a progress bar); tensors gathered on the CPU in float32."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    was_training = model.training
+    model.eval()  # dropout off: an index must not depend on the luck of a forward pass
+    means, log_sigma2s, attentions = [], [], []
+    try:
+        for rows in tqdm(
+            list(iter_row_chunks(len(items), batch_size)), desc=f"Embedding {modality} corpus", disable=not progress_bar
+        ):
+            out = encode_batch(model, processor, items[rows], modality)
+            means.append(out.mean.float().cpu())
+            if out.log_sigma2 is not None:
+                log_sigma2s.append(out.log_sigma2.float().cpu())
+            if return_attention and out.attention is not None:
+                attentions.append(out.attention.float().cpu())
+    finally:
+        model.train(was_training)
+    return ProbabilisticEmbedding(
+        mean=torch.cat(means),
+        log_sigma2=torch.cat(log_sigma2s) if log_sigma2s else None,
+        attention=_cat_padded(attentions) if attentions else None,
+    )
+
+
+def _cat_padded(attentions: list[torch.Tensor]) -> torch.Tensor:
+    # Image attention maps all have the same length L; this only guards the invariant.
+    lengths = {a.shape[-1] for a in attentions}
+    if len(lengths) != 1:
+        raise ValueError(f"Attention maps of different lengths {sorted(lengths)} cannot be stored together.")
+    return torch.cat(attentions)
+
+
+__all__ = [
+    "CrossModalIndex",
+    "SearchResult",
+    "model_fingerprint",
+    "default_metric",
+    "item_search_vectors",
+    "query_search_vectors",
+    "require_faiss",
+    "infer_modality",
+    "encode_batch",
+    "encode_corpus",
+]

@@ -1,0 +1,397 @@
+"""The ``"cross-modal-retrieval"`` pipeline: captions for images, images for captions.
+
+```python
+import hf_pcme  # registers the task
+from transformers import pipeline
+
+retriever = pipeline("cross-modal-retrieval", model="path-or-hub-id")
+retriever(images=[img], corpus=captions, top_k=5)
+retriever(texts=["a dog on a sofa"], corpus=index, top_k=5)     # a prebuilt CrossModalIndex
+retriever.set_index(other_index)                                 # hot swap, model stays loaded
+```
+
+Each query returns its ranked items (id, text for captions, ``score`` of the index metric,
+``distance`` for CSD, ``match_probability`` from the model, the item's ``uncertainty``) and its own
+``query_uncertainty`` (mean over D of sigma^2; ``None`` for point embeddings). With
+``return_attention=True`` image queries (and image items) also carry the attention maps of the
+pooling head, and image queries a heatmap of it drawn over the image.
+
+This file is shipped as remote code with pushed models: it only imports flat sibling modules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModel, Pipeline
+
+from .distances import sample_gaussian
+from .index import (
+    CrossModalIndex,
+    default_metric,
+    encode_batch,
+    infer_modality,
+    load_images,
+    model_fingerprint,
+)
+from .outputs import ProbabilisticEmbedding
+from .visualization import attention_heatmap
+
+TASK = "cross-modal-retrieval"
+
+#: What a pushed ``config.json`` declares so that ``pipeline(..., trust_remote_code=True)`` finds
+#: this class without ``hf_pcme`` installed (``custom_pipelines`` is read by ``transformers.pipeline``).
+CUSTOM_PIPELINES = {
+    TASK: {
+        "impl": "pipeline_cross_modal_retrieval.CrossModalRetrievalPipeline",
+        "pt": ["AutoModel"],
+        "tf": [],
+        "type": "multimodal",
+    }
+}
+
+_CALL_PARAMETERS = (
+    "top_k",
+    "return_attention",
+    "metric",
+    "backend",
+    "corpus_modality",
+    "progress_bar",
+    "match_seed",
+)
+
+
+class CrossModalRetrievalPipeline(Pipeline):
+    """Rank a corpus of captions (or images) for image (or caption) queries with a PCME model.
+
+    Call with ``images=`` or ``texts=`` (one modality per call) and a ``corpus``: a list of
+    captions, a list of images (PIL or ``pathlib.Path``; local paths given as str need
+    ``corpus_modality="image"``), or a prebuilt :class:`CrossModalIndex`. Without ``corpus``
+    the index given at construction (``pipeline(..., index=...)``) or by :meth:`set_index` is used.
+
+    Keyword arguments (at construction or per call): ``top_k`` (5), ``batch_size`` (queries and
+    corpus items per forward pass), ``return_attention`` (False), ``metric`` / ``backend`` for an
+    index built from a corpus list (default: the model's :func:`default_metric`, ``"torch"``),
+    ``corpus_modality`` (``"auto"``), ``progress_bar`` (True, while a corpus list is embedded),
+    ``match_seed`` (0: the Monte-Carlo samples of the match probability are reproducible).
+    """
+
+    _load_processor = None
+    _load_tokenizer = None
+    _load_image_processor = None
+    _load_feature_extractor = False
+    _load_video_processor = False
+
+    def __init__(self, *args: Any, index: CrossModalIndex | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        # The embeddings of a model's index are only comparable with that model's queries.
+        self._model_fingerprint = model_fingerprint(self.model)
+        self._index: CrossModalIndex | None = None
+        if index is not None:
+            self.set_index(index)
+
+    # ------------------------------------------------------------------ index
+    @property
+    def index(self) -> CrossModalIndex | None:
+        """The index searched when a call gives no ``corpus``."""
+        return self._index
+
+    def set_index(self, index: CrossModalIndex | None) -> None:
+        """Replace the default index without reloading the model.
+
+        Safe against concurrent queries: indexes are immutable and a call reads this attribute
+        once, so a query runs entirely on the old index or entirely on the new one. Raises a
+        ``ValueError`` for an index built by another model or for another embedding size.
+        """
+        if index is not None:
+            self._check_index(index)
+        self._index = index  # one reference assignment: atomic
+
+    def _check_index(self, index: Any) -> None:
+        if not isinstance(index, CrossModalIndex):
+            raise TypeError(f"index must be a CrossModalIndex, got {type(index).__name__}.")
+        index.check_compatible(self._model_fingerprint, getattr(self.model.config, "embed_dim", None))
+
+    def build_index(self, corpus: Sequence[Any], **kwargs: Any) -> CrossModalIndex:
+        """Embed a corpus with this pipeline's model (see :meth:`CrossModalIndex.build`)."""
+        corpus = list(corpus)
+        if not corpus:
+            raise ValueError("corpus is empty: give at least one caption or image to search.")
+        modality = kwargs.pop("modality", None)
+        modality = infer_modality(corpus, "corpus") if modality in (None, "auto") else modality
+        kwargs.setdefault("batch_size", self._batch_size or 32)
+        kwargs.setdefault("device", self.device)
+        kwargs.setdefault("metric", default_metric(self.model))
+        return CrossModalIndex.build(self.model, self._processor_for(modality), corpus, modality, **kwargs)
+
+    def _processor_for(self, modality: str) -> Any:
+        if self.processor is not None:
+            return self.processor
+        part = self.tokenizer if modality == "text" else self.image_processor
+        if part is None:
+            what = "a tokenizer" if modality == "text" else "an image processor"
+            raise ValueError(
+                f"This pipeline has no processor and no {what}, so it cannot read {modality} inputs: pass "
+                "processor=PCMEProcessor(...) (or tokenizer= / image_processor=) to pipeline()."
+            )
+        return part
+
+    # ------------------------------------------------------------------ call
+    def __call__(
+        self,
+        images: Any = None,
+        texts: Any = None,
+        *,
+        corpus: Sequence[Any] | CrossModalIndex | None = None,
+        batch_size: int | None = None,
+        **kwargs: Any,
+    ) -> dict | list[dict]:
+        """Retrieve the ``top_k`` corpus items of each query.
+
+        Args:
+            images: one image or a list (PIL images or local paths).
+            texts: one caption or a list of captions.
+            corpus: captions, images, or a :class:`CrossModalIndex` (default: :attr:`index`).
+            batch_size: queries (and corpus items) per forward pass.
+        Returns:
+            For one query a dict, for a list a list of dicts ``{"query_uncertainty", "results"
+            [, "attention", "attention_heatmap"]}``; ``results`` is best first, each
+            ``{"id", ["text",] "score", ["distance",] "match_probability", "uncertainty" [, "attention"]}``.
+        """
+        queries, modality, single = _queries(images, texts)
+        _, forward_params, postprocess_params = self._sanitize_parameters(**kwargs)
+        forward_params = {**self._forward_params, **forward_params}
+        postprocess_params = {**self._postprocess_params, **postprocess_params}
+        batch_size = batch_size or self._batch_size or 8
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+
+        index = self._resolve_index(corpus, batch_size, forward_params)
+        outputs: list[dict] = []
+        for start in range(0, len(queries), batch_size):
+            model_inputs = self.preprocess(queries[start : start + batch_size], modality=modality)
+            model_outputs = self.forward(model_inputs, index=index, **forward_params)
+            outputs.extend(self.postprocess(model_outputs, index=index, **postprocess_params))
+        return outputs[0] if single else outputs
+
+    def _resolve_index(self, corpus: Any, batch_size: int, forward_params: dict) -> CrossModalIndex:
+        build_options = {
+            "metric": forward_params.pop("metric", None) or default_metric(self.model),
+            "backend": forward_params.pop("backend", "torch"),
+            "modality": forward_params.pop("corpus_modality", "auto"),
+            "progress_bar": forward_params.pop("progress_bar", True),
+        }
+        if corpus is None:
+            index = self._index  # read once: the whole call uses this index even if set_index runs now
+            if index is None:
+                raise ValueError(
+                    "No corpus to search: pass corpus=[captions or images] or corpus=CrossModalIndex, "
+                    "or set a default index with retriever.set_index(index)."
+                )
+            return index
+        if isinstance(corpus, CrossModalIndex):
+            self._check_index(corpus)
+            return corpus
+        if isinstance(corpus, (str, Path)) or not isinstance(corpus, Sequence):
+            raise ValueError(
+                "corpus must be a list of captions or images, or a CrossModalIndex; "
+                f"got {type(corpus).__name__} (wrap a single item in a list)."
+            )
+        return self.build_index(corpus, batch_size=batch_size, **build_options)
+
+    def _sanitize_parameters(self, **kwargs: Any) -> tuple[dict, dict, dict]:
+        unknown = sorted(set(kwargs) - set(_CALL_PARAMETERS))
+        if unknown:
+            raise ValueError(
+                f"Unknown argument(s) {', '.join(unknown)} for the {TASK} pipeline; valid ones are: "
+                f"{', '.join(_CALL_PARAMETERS)}, batch_size, corpus, images, texts."
+            )
+        forward_params = {key: kwargs[key] for key in _CALL_PARAMETERS if key in kwargs}
+        postprocess_params = {}
+        if "return_attention" in kwargs:
+            postprocess_params["return_attention"] = kwargs["return_attention"]
+        return {}, forward_params, postprocess_params
+
+    # ------------------------------------------------------------------ steps
+    def preprocess(self, queries: Sequence[Any], modality: str = "text") -> dict[str, Any]:
+        """Tokenise captions or load + process images (kept as PIL for the heatmaps)."""
+        processor = self._processor_for(modality)
+        if modality == "text":
+            inputs = processor(text=list(queries), padding=True, truncation=True, return_tensors="pt")
+            return {
+                "modality": "text",
+                "input_ids": inputs["input_ids"],
+                "attention_mask": inputs.get("attention_mask"),
+            }
+        pil_images = load_images(queries)
+        inputs = processor(images=pil_images, return_tensors="pt")
+        return {"modality": "image", "pixel_values": inputs["pixel_values"], "images": pil_images}
+
+    def _forward(
+        self,
+        model_inputs: dict[str, Any],
+        index: CrossModalIndex,
+        top_k: int = 5,
+        return_attention: bool = False,
+        match_seed: int = 0,
+    ) -> dict[str, Any]:
+        modality = model_inputs["modality"]
+        if modality == "text":
+            query = self.model.get_text_features(
+                input_ids=model_inputs["input_ids"], attention_mask=model_inputs["attention_mask"], num_samples=0
+            )
+        else:
+            pixel_values = model_inputs["pixel_values"].to(self.model.dtype)
+            query = self.model.get_image_features(pixel_values=pixel_values, num_samples=0)
+        result = index.search(query.mean, query.log_sigma2 if index.metric == "csd" else None, top_k=top_k)
+        return {
+            "modality": modality,
+            "images": model_inputs.get("images"),
+            "scores": result.scores,
+            "indices": result.indices,
+            "distances": result.distances,
+            "match_probability": self._match_probability(query, modality, index, result.indices, match_seed),
+            "query_uncertainty": query.uncertainty,
+            "attention": query.attention if return_attention else None,
+        }
+
+    def _match_probability(
+        self, query: ProbabilisticEmbedding, modality: str, index: CrossModalIndex, indices: torch.Tensor, seed: int
+    ) -> torch.Tensor:
+        """``model.match_probability`` of each query with its own top-k items, ``(Q, k)``.
+
+        Samples (for PCME's Monte-Carlo match probability) are drawn from a generator seeded with
+        ``seed``, so the same call gives the same numbers.
+        """
+        num_queries, top_k = indices.shape
+        device = query.mean.device
+        generator = torch.Generator(device=device).manual_seed(seed)
+        num_samples = int(getattr(self.model.config, "num_samples", 1))
+        items = index.item_embeddings(indices.clamp_min(0))
+        items = ProbabilisticEmbedding(
+            mean=items.mean.to(device),
+            log_sigma2=items.log_sigma2.to(device) if items.log_sigma2 is not None else None,
+        )
+        query, items = (_with_samples(e, num_samples, generator) for e in (query, items))
+        probabilities = torch.empty(num_queries, top_k, device=device)
+        for q in range(num_queries):
+            one_query = _rows(query, slice(q, q + 1))
+            its_items = _rows(items, slice(q * top_k, (q + 1) * top_k))
+            if modality == "text" and index.modality == "image":
+                probabilities[q] = self.model.match_probability(its_items, one_query)[:, 0]
+            else:
+                probabilities[q] = self.model.match_probability(one_query, its_items)[0]
+        return probabilities
+
+    def postprocess(
+        self, model_outputs: dict[str, Any], index: CrossModalIndex, return_attention: bool = False
+    ) -> list[dict[str, Any]]:
+        outputs = []
+        uncertainty = model_outputs["query_uncertainty"]
+        for q in range(model_outputs["indices"].shape[0]):
+            results = []
+            for rank, position in enumerate(model_outputs["indices"][q].tolist()):
+                if position < 0:  # an approximate (IVF) search may come back short
+                    continue
+                item: dict[str, Any] = {"id": index.ids[position]}
+                if index.texts is not None:
+                    item["text"] = index.texts[position]
+                item["score"] = float(model_outputs["scores"][q, rank])
+                if model_outputs["distances"] is not None:
+                    item["distance"] = float(model_outputs["distances"][q, rank])
+                item["match_probability"] = float(model_outputs["match_probability"][q, rank])
+                item["uncertainty"] = float(index.uncertainty[position]) if index.uncertainty is not None else None
+                if return_attention and index.attention is not None:
+                    item["attention"] = index.attention[position].numpy()
+                results.append(item)
+            output: dict[str, Any] = {
+                "query_uncertainty": float(uncertainty[q]) if uncertainty is not None else None,
+                "results": results,
+            }
+            attention = model_outputs["attention"]
+            if return_attention and attention is not None and model_outputs["modality"] == "image":
+                output["attention"] = attention[q].float().numpy()
+                output["attention_heatmap"] = attention_heatmap(model_outputs["images"][q], attention[q])
+            outputs.append(output)
+        return outputs
+
+
+# ---------------------------------------------------------------------------- helpers
+def _queries(images: Any, texts: Any) -> tuple[list, str, bool]:
+    """The query list, its modality and whether a single query (not a list) was given."""
+    if images is not None and texts is not None:
+        raise ValueError("Give either images= or texts=, not both: one query modality per call.")
+    if images is None and texts is None:
+        raise ValueError("No query: pass images=[...] (PIL images or local paths) or texts=[...] (captions).")
+    if texts is not None:
+        single = isinstance(texts, str)
+        queries = [texts] if single else list(texts)
+        if not queries:
+            raise ValueError("texts is empty: give at least one caption.")
+        bad = [type(t).__name__ for t in queries if not isinstance(t, str)]
+        if bad:
+            raise ValueError(f"texts must be captions (str); got {bad[0]}. Images go in images=.")
+        return queries, "text", single
+    single = not isinstance(images, (list, tuple))
+    queries = [images] if single else list(images)
+    if not queries:
+        raise ValueError("images is empty: give at least one image.")
+    from PIL import Image
+
+    bad = [type(i).__name__ for i in queries if not isinstance(i, (Image.Image, str, Path))]
+    if bad:
+        raise ValueError(f"images must be PIL images or local paths; got {bad[0]}. Captions go in texts=.")
+    return queries, "image", single
+
+
+def _rows(embedding: ProbabilisticEmbedding, rows: slice) -> ProbabilisticEmbedding:
+    return ProbabilisticEmbedding(
+        mean=embedding.mean[rows],
+        log_sigma2=embedding.log_sigma2[rows] if embedding.log_sigma2 is not None else None,
+        samples=embedding.samples[rows] if embedding.samples is not None else None,
+    )
+
+
+def _with_samples(
+    embedding: ProbabilisticEmbedding, num_samples: int, generator: torch.Generator
+) -> ProbabilisticEmbedding:
+    if embedding.log_sigma2 is None or num_samples < 1:
+        return embedding
+    samples = sample_gaussian(embedding.mean.float(), embedding.log_sigma2.float(), num_samples, generator)
+    return ProbabilisticEmbedding(mean=embedding.mean, log_sigma2=embedding.log_sigma2, samples=samples)
+
+
+def register_pipeline() -> None:
+    """Register the ``"cross-modal-retrieval"`` task with transformers (called by ``import hf_pcme``)."""
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    PIPELINE_REGISTRY.register_pipeline(
+        TASK, pipeline_class=CrossModalRetrievalPipeline, pt_model=AutoModel, type="multimodal"
+    )
+
+
+def declare_pipeline(config: Any, save_directory: str | Path | None = None) -> list[Path]:
+    """Make a saved / pushed model folder carry this pipeline as remote code.
+
+    Sets ``config.custom_pipelines`` (what ``pipeline(..., trust_remote_code=True)`` reads) and,
+    given ``save_directory``, copies this file and the flat modules it imports next to the
+    model's code. Returns the copied files.
+    """
+    config.custom_pipelines = {task: dict(info) for task, info in CUSTOM_PIPELINES.items()}
+    if save_directory is None:
+        return []
+    from transformers.dynamic_module_utils import custom_object_save
+
+    Path(save_directory).mkdir(parents=True, exist_ok=True)
+    return list(custom_object_save(CrossModalRetrievalPipeline, save_directory) or [])
+
+
+__all__ = [
+    "CUSTOM_PIPELINES",
+    "CrossModalRetrievalPipeline",
+    "declare_pipeline",
+    "register_pipeline",
+]
