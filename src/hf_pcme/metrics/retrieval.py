@@ -1,0 +1,634 @@
+"""Cross-modal retrieval metrics: Recall@K, RSUM, R-Precision, MAP@R and PMRP, both directions.
+
+:func:`evaluate_retrieval` is the one entry point (trainer, scripts, the ``evaluate`` module). It
+streams the score matrix in row blocks, once with the images as queries (i2t) and once with the
+captions as queries (t2i), and computes every metric from each block in one pass
+(:func:`hf_pcme.metrics.ranking.rank_block`), so the ``num_images x num_texts`` matrix is never
+held in memory and no row is ever sorted.
+
+Semantics (every value is a percentage, averaged over the queries that have at least one
+relevant item):
+
+- i2t: a query is an image; its *pairs* are its captions (``text_to_image == i``).
+  t2i: a query is a caption; its pair is its image.
+- Recall@K (K in ``ks``): 1 if a pair of the query is among the top K. ``rsum`` = the sum of
+  the Recall@K of both directions.
+- R-Precision and MAP@R (Musgrave et al., "A Metric Learning Reality Check", ECCV 2020) against
+  the *positives* of each query, ``R`` = number of positives:
+  R-Precision = |top-R ∩ positives| / R, MAP@R = (1/R) sum_{i=1..R} P(i) rel(i).
+  Positives are the pairs by default, the items of the same class when ``image_classes`` is
+  given (PCME's CUB protocol), or explicit sets (e.g. ECCV Caption's human-verified positives).
+  With positives other than the pairs, Recall@K against them is reported too
+  (``i2t_positives_R@1``).
+- PMRP (Chun et al., CVPR 2021): an item is plausible for a query if the multi-hot instance
+  labels of their images differ in at most zeta positions (a caption has its image's labels).
+  Items and queries whose image has no label are left out (from the ranking and from the
+  queries). PMRP_zeta = |top-R ∩ plausible| / R with R = number of plausible items;
+  ``*_pmrp`` is the mean over ``zetas``. With ``image_classes``, plausible = same class; with
+  ``plausibility``, plausible = that matrix or function (e.g. the shapes data set).
+- Ties: among items with equal scores, the items that are not relevant for the metric come
+  first ("pessimistic"), for every metric; deterministic and independent of the item order.
+- ``protocol="coco"``: also the 1K protocol, keys prefixed ``1k/``: the images in folds of
+  ``fold_size`` (fold f = images ``[f * fold_size, (f + 1) * fold_size)`` and their captions),
+  every metric computed inside each fold and averaged over the folds (PMRP included, as published).
+  The unprefixed keys are always the whole set (5K for COCO); no ``5k/`` aliases are added.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .ranking import PlausibilityLevels, RelevanceView, Workspace, rank_block, single_cpu_thread
+from .scorers import MatrixScores, ScoreSource, as_tensor, build_scorer
+
+#: Scores per block produced by the scorer (64 MiB of float32): large enough for a fast matrix product.
+BLOCK_ELEMENTS = 1 << 24
+#: Scores per block given to the ranking passes (8 MiB of float32): stays in the CPU cache.
+SUB_BLOCK_ELEMENTS = 1 << 21
+DIRECTIONS = ("i2t", "t2i")
+PROTOCOLS = (None, "coco")
+
+
+# ---------------------------------------------------------------------------- inputs
+def _check_int_tuple(values: Sequence[int], name: str, minimum: int) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in values)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a sequence of integers, got {values!r}.") from None
+    if not values or any(v < minimum for v in values):
+        raise ValueError(f"{name} must be a non-empty sequence of integers >= {minimum}, got {values}.")
+    return values
+
+
+def _index_vector(value: Any, name: str, size: int | None = None) -> torch.Tensor:
+    vector = as_tensor(value, name)
+    if vector.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(vector.shape)}.")
+    if vector.is_floating_point() and not torch.equal(vector, vector.round()):
+        raise ValueError(f"{name} must hold integer indices.")
+    if size is not None and vector.numel() != size:
+        raise ValueError(f"{name} must have {size} entries, got {vector.numel()}.")
+    return vector.long()
+
+
+def _check_text_to_image(text_to_image: torch.Tensor, num_images: int, num_texts: int) -> None:
+    if num_images == 0 or num_texts == 0:
+        raise ValueError(
+            f"Empty query set: {num_images} images and {num_texts} captions; retrieval metrics need both."
+        )
+    if text_to_image.numel() != num_texts:
+        raise ValueError(
+            f"text_to_image must give the image index of each of the {num_texts} captions, "
+            f"got {text_to_image.numel()} entries; check that captions and scores/embeddings line up."
+        )
+    if text_to_image.min() < 0 or text_to_image.max() >= num_images:
+        raise ValueError(
+            f"text_to_image must hold image indices in [0, {num_images}), got values in "
+            f"[{int(text_to_image.min())}, {int(text_to_image.max())}] (ids instead of row indices?)."
+        )
+
+
+# ---------------------------------------------------------------------------- the caption order
+class _Layout:
+    """Captions sorted by image (stable), and the image / caption ranges of the folds.
+
+    Sorting makes the captions of one image, and of one fold, contiguous: fold views are slices.
+    """
+
+    def __init__(self, text_to_image: torch.Tensor, num_images: int, fold_size: int | None) -> None:
+        self.num_images = num_images
+        self.num_texts = text_to_image.numel()
+        order = torch.sort(text_to_image, stable=True).indices
+        self.order = None if torch.equal(order, torch.arange(self.num_texts)) else order
+        self.text_image = text_to_image[order]  # the image of each caption, in sorted order
+        self.captions_per_image = torch.bincount(text_to_image, minlength=num_images)
+        missing = (self.captions_per_image == 0).nonzero().flatten()
+        if missing.numel():
+            raise ValueError(
+                f"{missing.numel()} image(s) have no caption (e.g. rows {missing[:5].tolist()}); an image query "
+                "without a caption has no answer. Drop those images or add their captions."
+            )
+        self.caption_start = torch.cumsum(self.captions_per_image, 0) - self.captions_per_image
+        uniform = bool((self.captions_per_image == self.captions_per_image[0]).all())
+        self.group_size = int(self.captions_per_image[0]) if uniform else None
+        size = fold_size or num_images
+        self.folds = [(start, min(start + size, num_images)) for start in range(0, num_images, size)]
+
+    def to(self, device: torch.device) -> None:
+        for name in ("text_image", "captions_per_image", "caption_start"):
+            setattr(self, name, getattr(self, name).to(device))
+        if self.order is not None:
+            self.order = self.order.to(device)
+
+    def caption_range(self, first_image: int, end_image: int) -> tuple[int, int]:
+        start = int(self.caption_start[first_image])
+        end = int(self.caption_start[end_image - 1] + self.captions_per_image[end_image - 1])
+        return start, end
+
+    def fold_ranges(self, direction: str) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+        """Per fold: (query range, item range) of a direction."""
+        ranges = []
+        for first, end in self.folds:
+            images, captions = (first, end), self.caption_range(first, end)
+            ranges.append((images, captions) if direction == "i2t" else (captions, images))
+        return ranges
+
+
+def coco_folds(text_to_image: Any, num_images: int, fold_size: int = 1000) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The COCO 1K split: per fold, the image indices ``[f * fold_size, (f + 1) * fold_size)`` and the
+    indices (into ``text_to_image``) of their captions, in caption order."""
+    text_to_image = _index_vector(text_to_image, "text_to_image")
+    _check_text_to_image(text_to_image, num_images, text_to_image.numel())
+    _check_fold_size(num_images, fold_size)
+    folds = []
+    for start in range(0, num_images, fold_size):
+        images = torch.arange(start, start + fold_size)
+        captions = ((text_to_image >= start) & (text_to_image < start + fold_size)).nonzero().flatten()
+        folds.append((images, captions))
+    return folds
+
+
+def _check_fold_size(num_images: int, fold_size: int) -> None:
+    if fold_size < 1 or num_images % fold_size:
+        raise ValueError(
+            f"protocol='coco' splits the images into folds of fold_size={fold_size}, which must divide "
+            f"the number of images ({num_images}); COCO 5K test: 5,000 images, fold_size=1000."
+        )
+
+
+# ---------------------------------------------------------------------------- relevance
+class _Positives:
+    """Explicit positives of one direction as sorted keys ``query * num_items + item`` (internal order)."""
+
+    def __init__(self, keys: torch.Tensor, num_items: int) -> None:
+        self.keys = torch.unique(keys)
+        self.num_items = num_items
+
+    def counts(self, queries: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        base = queries * self.num_items
+        return torch.searchsorted(self.keys, base + end) - torch.searchsorted(self.keys, base + start)
+
+    def contains(self, queries: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        keys = queries * self.num_items + items
+        where = torch.searchsorted(self.keys, keys).clamp_max(max(self.keys.numel() - 1, 0))
+        if self.keys.numel() == 0:
+            return torch.zeros_like(keys, dtype=torch.bool)
+        return self.keys[where] == keys
+
+
+def _positives_from_lists(
+    value: Any, num_queries: int, num_items: int, query_ids: Any, item_ids: Any, name: str
+) -> list[torch.Tensor]:
+    """Per-query item indices from a list of index lists, or a mapping id -> ids."""
+    if isinstance(value, Mapping):
+        if query_ids is None or item_ids is None:
+            raise ValueError(
+                f"{name} is a mapping of ids; pass image_ids and text_ids (one id per image / caption) to resolve them, "
+                "or give a list with one sequence of item indices per query."
+            )
+        query_index = {key: i for i, key in enumerate(query_ids)}
+        item_index = {key: i for i, key in enumerate(item_ids)}
+        lists: list[list[int]] = [[] for _ in range(num_queries)]
+        for query, items in value.items():
+            if query not in query_index:
+                raise ValueError(f"{name}: query id {query!r} is not among the given ids.")
+            missing = [item for item in items if item not in item_index]
+            if missing:
+                raise ValueError(f"{name}: item ids {missing[:5]} of query {query!r} are not among the given ids.")
+            lists[query_index[query]] = [item_index[item] for item in items]
+        value = lists
+    if len(value) != num_queries:
+        raise ValueError(f"{name} must have one entry per query ({num_queries}), got {len(value)}.")
+    result = []
+    for items in value:
+        items = _index_vector(list(items) if not isinstance(items, torch.Tensor) else items, name)
+        if items.numel() and (items.min() < 0 or items.max() >= num_items):
+            raise ValueError(f"{name} holds item indices outside [0, {num_items}).")
+        result.append(items)
+    return result
+
+
+def _build_positives(
+    positives: Any, layout: _Layout, image_classes: torch.Tensor | None, image_ids: Any, text_ids: Any
+) -> dict[str, Any]:
+    """Direction -> "pairs" | "classes" | _Positives."""
+    if positives is None:
+        positives = "classes" if image_classes is not None else "pairs"
+    if isinstance(positives, str):
+        if positives not in ("pairs", "classes"):
+            raise ValueError(f"positives must be 'pairs', 'classes', a bool matrix or a dict, got {positives!r}.")
+        if positives == "classes" and image_classes is None:
+            raise ValueError("positives='classes' needs image_classes.")
+        return {direction: positives for direction in DIRECTIONS}
+    num_images, num_texts = layout.num_images, layout.num_texts
+    # position of each original caption in the sorted order
+    rank_of_text = torch.empty(num_texts, dtype=torch.long)
+    rank_of_text[layout.order if layout.order is not None else torch.arange(num_texts)] = torch.arange(num_texts)
+    if isinstance(positives, Mapping) and set(positives) <= set(DIRECTIONS):
+        result: dict[str, Any] = {}
+        for direction in DIRECTIONS:
+            if direction not in positives:
+                result[direction] = "pairs"
+                continue
+            if direction == "i2t":
+                lists = _positives_from_lists(positives[direction], num_images, num_texts, image_ids, text_ids, "positives['i2t']")
+                queries = torch.cat([torch.full((len(items),), q, dtype=torch.long) for q, items in enumerate(lists)])
+                items = rank_of_text[torch.cat(lists)] if lists else torch.empty(0, dtype=torch.long)
+                result[direction] = _Positives(queries * num_texts + items, num_texts)
+            else:
+                lists = _positives_from_lists(positives[direction], num_texts, num_images, text_ids, image_ids, "positives['t2i']")
+                queries = torch.cat([torch.full((len(items),), int(rank_of_text[q]), dtype=torch.long) for q, items in enumerate(lists)])
+                items = torch.cat(lists) if lists else torch.empty(0, dtype=torch.long)
+                result[direction] = _Positives(queries * num_images + items, num_images)
+        return result
+    matrix = as_tensor(positives, "positives")
+    if matrix.shape != (num_images, num_texts):
+        raise ValueError(
+            f"positives as a matrix must be (num_images, num_texts) = ({num_images}, {num_texts}), got {tuple(matrix.shape)}; "
+            "or pass a dict {'i2t': [...], 't2i': [...]} of per-query index lists."
+        )
+    image_index, text_index = matrix.bool().nonzero(as_tuple=True)
+    text_index = rank_of_text[text_index]
+    return {
+        "i2t": _Positives(image_index * num_texts + text_index, num_texts),
+        "t2i": _Positives(text_index * num_images + image_index, num_images),
+    }
+
+
+# ---------------------------------------------------------------------------- plausibility (PMRP)
+class _Plausibility:
+    """Plausibility levels of (query, item) pairs for PMRP, from one of three sources."""
+
+    def __init__(self, layout: _Layout, zetas: tuple[int, ...], *, labels=None, classes=None, relation=None) -> None:
+        self.layout = layout
+        self.labels = labels
+        self.classes = classes
+        self.relation = relation
+        if labels is not None:
+            self.zetas = zetas
+            self.label_counts = labels.sum(1)
+            self.labelled = self.label_counts > 0
+        else:
+            self.zetas = (0,)
+            self.labelled = classes >= 0 if classes is not None else None
+        self.max_zeta = max(self.zetas)
+
+    def _image_levels(self, query_images: torch.Tensor, first: int, end: int) -> torch.Tensor:
+        """Levels of the images ``[first, end)`` for each query image, ``(q, end - first)``."""
+        unlabelled = self.max_zeta + 2
+        if self.labels is not None:
+            queries = self.labels[query_images]
+            items = self.labels[first:end]
+            hamming = self.label_counts[query_images].unsqueeze(1) + self.label_counts[first:end].unsqueeze(0)
+            hamming = hamming - 2 * (queries @ items.t())
+            levels = hamming.round().clamp(max=self.max_zeta + 1).to(torch.int32)
+        else:
+            levels = (self.classes[query_images].unsqueeze(1) != self.classes[first:end].unsqueeze(0)).to(torch.int32)
+        return levels.masked_fill_(~self.labelled[first:end].unsqueeze(0), unlabelled)
+
+    def _relation_block(self, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+        """Plausibility of (images x captions), captions given in sorted order."""
+        layout = self.layout
+        original = layout.order[texts] if layout.order is not None else texts
+        if callable(self.relation):
+            block = as_tensor(self.relation(images, original), "plausibility(...)")
+            if block.shape != (images.numel(), texts.numel()):
+                raise ValueError(
+                    f"plausibility(image_idx, text_idx) must return a ({images.numel()}, {texts.numel()}) bool block, "
+                    f"got {tuple(block.shape)}."
+                )
+            return block.bool()
+        return self.relation[images][:, original].bool()
+
+    def levels(self, direction: str, queries: torch.Tensor, items: tuple[int, int]) -> PlausibilityLevels:
+        layout = self.layout
+        first, end = items
+        if self.relation is not None:
+            item_index = torch.arange(first, end, device=queries.device)
+            if direction == "i2t":
+                plausible = self._relation_block(queries, item_index)
+            else:
+                plausible = self._relation_block(item_index, queries).t()
+            levels = (~plausible).to(torch.int32)
+            return PlausibilityLevels(levels, 1, 0, torch.ones(queries.numel(), dtype=torch.bool, device=queries.device))
+        if direction == "i2t":
+            images = layout.text_image[first:end]
+            image_first, image_end = int(images[0]), int(images[-1]) + 1
+            levels = self._image_levels(queries, image_first, image_end)
+            if layout.group_size is not None:
+                return PlausibilityLevels(levels, layout.group_size, self.max_zeta, self.labelled[queries])
+            return PlausibilityLevels(levels.index_select(1, images - image_first), 1, self.max_zeta, self.labelled[queries])
+        query_images = layout.text_image[queries]
+        unique, inverse = torch.unique(query_images, return_inverse=True)
+        levels = self._image_levels(unique, first, end).index_select(0, inverse)
+        return PlausibilityLevels(levels, 1, self.max_zeta, self.labelled[query_images])
+
+
+def _build_plausibility(
+    layout: _Layout, zetas, image_labels, image_classes, plausibility, device: torch.device
+) -> _Plausibility | None:
+    given = [name for name, value in (("image_labels", image_labels), ("plausibility", plausibility)) if value is not None]
+    if len(given) > 1:
+        raise ValueError(f"Give at most one source of plausible matches for PMRP, got {given}.")
+    num_images, num_texts = layout.num_images, layout.num_texts
+    if image_labels is not None:
+        labels = as_tensor(image_labels, "image_labels")
+        if labels.dim() != 2 or labels.shape[0] != num_images:
+            raise ValueError(
+                f"image_labels must be a (num_images, num_categories) = ({num_images}, C) multi-hot matrix, "
+                f"got shape {tuple(labels.shape)}."
+            )
+        labels = labels.to(device=device, dtype=torch.float32)
+        if not bool(((labels == 0) | (labels == 1)).all()):
+            raise ValueError("image_labels must be multi-hot (0/1 values).")
+        return _Plausibility(layout, zetas, labels=labels)
+    if plausibility is not None:
+        if not callable(plausibility):
+            plausibility = as_tensor(plausibility, "plausibility").to(device)
+            if plausibility.shape != (num_images, num_texts):
+                raise ValueError(
+                    f"plausibility must be a (num_images, num_texts) = ({num_images}, {num_texts}) bool matrix or a "
+                    f"callable(image_idx, text_idx) -> bool block, got shape {tuple(plausibility.shape)}."
+                )
+        return _Plausibility(layout, zetas, relation=plausibility)
+    if image_classes is not None:
+        return _Plausibility(layout, zetas, classes=image_classes)
+    return None
+
+
+# ---------------------------------------------------------------------------- relevance views
+class _Relevance:
+    """Builds the :class:`RelevanceView` of a block: pairs, classes or explicit positives."""
+
+    def __init__(self, layout: _Layout, image_classes: torch.Tensor | None) -> None:
+        self.layout = layout
+        self.image_classes = image_classes
+        self._class_counts: dict[tuple[str, int, int], torch.Tensor] = {}
+
+    def _item_classes(self, direction: str, first: int, end: int) -> torch.Tensor:
+        if direction == "i2t":
+            return self.image_classes[self.layout.text_image[first:end]]
+        return self.image_classes[first:end]
+
+    def _query_classes(self, direction: str, queries: torch.Tensor) -> torch.Tensor:
+        if direction == "i2t":
+            return self.image_classes[queries]
+        return self.image_classes[self.layout.text_image[queries]]
+
+    def view(self, kind: Any, direction: str, queries: torch.Tensor, items: tuple[int, int]) -> RelevanceView:
+        """Relevance of the items ``[first, end)`` (counts) for ``queries``; the test takes global item indices."""
+        layout = self.layout
+        first, end = items
+        if kind == "pairs":
+            if direction == "i2t":
+                counts = layout.captions_per_image[queries]
+                return RelevanceView(counts, lambda rows, cols: layout.text_image[cols] == queries[rows])
+            counts = torch.ones(queries.numel(), dtype=torch.long, device=queries.device)
+            query_images = layout.text_image[queries]
+            return RelevanceView(counts, lambda rows, cols: cols == query_images[rows])
+        if kind == "classes":
+            key = (direction, first, end)
+            if key not in self._class_counts:
+                item_classes = self._item_classes(direction, first, end)
+                size = int(self.image_classes.max()) + 1 if self.image_classes.numel() else 1
+                self._class_counts[key] = torch.bincount(item_classes[item_classes >= 0], minlength=max(size, 1))
+            class_counts = self._class_counts[key]
+            query_classes = self._query_classes(direction, queries)
+            counts = torch.where(query_classes >= 0, class_counts[query_classes.clamp_min(0)], 0)
+            all_classes = self._item_classes(direction, 0, layout.num_texts if direction == "i2t" else layout.num_images)
+            return RelevanceView(
+                counts, lambda rows, cols: (all_classes[cols] == query_classes[rows]) & (query_classes[rows] >= 0)
+            )
+        counts = kind.counts(queries, first, end)
+        return RelevanceView(counts, lambda rows, cols: kind.contains(queries[rows], cols))
+
+
+# ---------------------------------------------------------------------------- accumulation
+class _Means:
+    """Sums and counts of per-query values, per (prefix, fold, metric name)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[tuple[str, int, str], float] = defaultdict(float)
+        self.counts: dict[tuple[str, int, str], int] = defaultdict(int)
+
+    def add(self, prefix: str, fold: int, name: str, values: torch.Tensor, valid: torch.Tensor) -> None:
+        self.sums[prefix, fold, name] += float(values.double()[valid].sum())
+        self.counts[prefix, fold, name] += int(valid.sum())
+
+    def mean(self, prefix: str, name: str) -> float:
+        """Mean over the queries (one fold), or mean over folds of the fold means (1K)."""
+        folds = [fold for (p, fold, n) in self.counts if p == prefix and n == name and self.counts[p, fold, n] > 0]
+        if not folds:
+            raise ValueError(
+                f"No query has a relevant item for {prefix}{name}: every query was skipped "
+                "(no labelled query / no positive / empty query set). Check the labels or positives given."
+            )
+        return 100.0 * sum(self.sums[prefix, f, name] / self.counts[prefix, f, name] for f in folds) / len(folds)
+
+
+# ---------------------------------------------------------------------------- entry point
+def evaluate_retrieval(
+    *,
+    text_to_image: Any,
+    scores: Any = None,
+    image_embeds: Any = None,
+    text_embeds: Any = None,
+    image_log_sigma2: Any = None,
+    text_log_sigma2: Any = None,
+    image_samples: Any = None,
+    text_samples: Any = None,
+    scorer: str = "cosine",
+    image_labels: Any = None,
+    image_classes: Any = None,
+    plausibility: Any = None,
+    positives: Any = None,
+    image_ids: Sequence[Any] | None = None,
+    text_ids: Sequence[Any] | None = None,
+    protocol: str | None = None,
+    fold_size: int = 1000,
+    zetas: Sequence[int] = (0, 1, 2),
+    ks: Sequence[int] = (1, 5, 10),
+    chunk_size: int | None = None,
+    num_samples: int = 7,
+    negative_scale: Any = None,
+    shift: Any = None,
+    seed: int = 0,
+) -> dict[str, float]:
+    """All retrieval metrics of a test set, both directions, in percent (see the module docstring).
+
+    Args:
+        text_to_image: ``(num_texts,)`` image index (row) of each caption.
+        scores: ``(num_images, num_texts)`` scores, higher = better; or give embeddings.
+        image_embeds, text_embeds: ``(N, D)`` means (``(N, K, D)`` for ``scorer="polysemous"``).
+        image_log_sigma2, text_log_sigma2: ``(N, D)`` log variances (``"csd"``, ``"sampled"``).
+        image_samples, text_samples: ``(N, J, D)`` samples for ``"sampled"`` (else drawn, ``num_samples``
+            per item, seeded by ``seed``).
+        scorer: ``"cosine"``, ``"csd"``, ``"sampled"`` or ``"polysemous"`` (``hf_pcme.metrics.SCORERS``).
+        image_labels: ``(num_images, C)`` multi-hot instance labels -> PMRP per zeta in ``zetas``.
+        image_classes: ``(num_images,)`` class ids (``-1`` = unknown) -> PMRP by class, and the
+            default positives of R-Precision / MAP@R become the same-class items.
+        plausibility: ``(num_images, num_texts)`` bool matrix, or ``callable(image_idx, text_idx)``
+            returning that block (caption indices in the caller's order) -> PMRP.
+        positives: ``"pairs"``, ``"classes"``, a ``(num_images, num_texts)`` bool matrix, or
+            ``{"i2t": ..., "t2i": ...}`` with, per query, a sequence of item indices, or a mapping
+            query id -> item ids resolved with ``image_ids`` / ``text_ids`` (a missing direction
+            uses the pairs; queries without positives are skipped).
+        protocol: ``None`` or ``"coco"`` (adds the ``1k/`` keys).
+        fold_size: images per fold of the 1K protocol (1000 for COCO).
+        zetas: Hamming thresholds of PMRP.  ks: the K of Recall@K.
+        chunk_size: query rows per score block (default: ~16M scores per block).
+        num_samples, negative_scale, shift, seed: for ``scorer="sampled"``.
+
+    Returns:
+        A flat dict of floats in percent: ``i2t_R@1``, ..., ``rsum``, ``i2t_r_precision``,
+        ``i2t_map_at_r``, ``i2t_pmrp``, ``i2t_pmrp_zeta0``, ... and with ``protocol="coco"`` the
+        same names prefixed ``1k/``.
+    """
+    ks = _check_int_tuple(ks, "ks", 1)
+    zetas = _check_int_tuple(zetas, "zetas", 0)
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}.")
+    if chunk_size is not None and int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be >= 1 query rows, got {chunk_size}.")
+
+    source = _score_source(
+        scores, scorer, image_embeds, text_embeds, image_log_sigma2, text_log_sigma2,
+        image_samples, text_samples, num_samples, negative_scale, shift, seed,
+    )  # fmt: skip
+    num_images, num_texts = source.num_images, source.num_texts
+    text_to_image = _index_vector(text_to_image, "text_to_image")
+    _check_text_to_image(text_to_image, num_images, num_texts)
+    if protocol == "coco":
+        _check_fold_size(num_images, fold_size)
+    if isinstance(scores, torch.Tensor) and scores.is_floating_point() and not bool(torch.isfinite(scores).all()):
+        raise ValueError("scores contain NaN or infinite values; replace masked scores by a finite very low value.")
+
+    classes = None
+    if image_classes is not None:
+        classes = _index_vector(image_classes, "image_classes", num_images)
+    layout = _Layout(text_to_image.cpu(), num_images, fold_size if protocol == "coco" else None)
+    if layout.order is not None:
+        source.reorder_texts(layout.order)
+    device = source.device
+    relevance_kinds = {"pairs": {d: "pairs" for d in DIRECTIONS}}
+    positive_kinds = _build_positives(positives, layout, classes, image_ids, text_ids)
+    # everything indexed together with the score blocks lives on their device
+    layout.to(device)
+    if classes is not None:
+        classes = classes.to(device)
+    for kind in positive_kinds.values():
+        if isinstance(kind, _Positives):
+            kind.keys = kind.keys.to(device)
+    if any(kind != "pairs" for kind in positive_kinds.values()):
+        relevance_kinds["positives"] = positive_kinds
+    plausible = _build_plausibility(layout, zetas, image_labels, classes, plausibility, device)
+
+    prefixes = [""] + (["1k/"] if protocol == "coco" else [])
+    relevance = _Relevance(layout, classes)
+    means = _Means()
+    workspace = Workspace()
+    for direction in DIRECTIONS:
+        num_items = num_texts if direction == "i2t" else num_images
+        block_rows = int(chunk_size) if chunk_size else max(1, BLOCK_ELEMENTS // num_items)
+        sub_rows = max(1, SUB_BLOCK_ELEMENTS // num_items)
+        everything = (0, num_items)
+        for fold, (query_range, item_range) in enumerate(layout.fold_ranges(direction)):
+            fold_columns = item_range if protocol == "coco" else None
+            for block_start in range(query_range[0], query_range[1], block_rows):
+                block_end = min(block_start + block_rows, query_range[1])
+                block = _rows(source, direction, slice(block_start, block_end))
+                for sub_start in range(block_start, block_end, sub_rows):
+                    sub_end = min(sub_start + sub_rows, block_end)
+                    queries = torch.arange(sub_start, sub_end, device=device)
+                    with single_cpu_thread(device):
+                        views = {name: relevance.view(kinds[direction], direction, queries, everything)
+                                 for name, kinds in relevance_kinds.items()}  # fmt: skip
+                        fold_views = None
+                        if fold_columns is not None:
+                            fold_views = {name: relevance.view(kinds[direction], direction, queries, fold_columns)
+                                          for name, kinds in relevance_kinds.items()}  # fmt: skip
+                        ranks, fold_ranks = rank_block(
+                            block[sub_start - block_start : sub_end - block_start],
+                            ks=ks,
+                            relevance=views,
+                            plausibility=plausible.levels(direction, queries, everything) if plausible else None,
+                            zetas=plausible.zetas if plausible else (),
+                            fold_columns=fold_columns,
+                            fold_relevance=fold_views,
+                            workspace=workspace,
+                        )
+                        _accumulate(means, ranks, "", 0, direction, ks, plausible)
+                        if fold_ranks is not None:
+                            _accumulate(means, fold_ranks, "1k/", fold, direction, ks, plausible)
+    return _collect(means, prefixes, ks, relevance_kinds, plausible)
+
+
+def _score_source(scores, scorer, image_embeds, text_embeds, image_log_sigma2, text_log_sigma2,
+                  image_samples, text_samples, num_samples, negative_scale, shift, seed) -> ScoreSource:  # fmt: skip
+    embeddings_given = any(v is not None for v in (image_embeds, text_embeds, image_samples, text_samples))
+    if scores is not None and embeddings_given:
+        raise ValueError("Give either scores or embeddings (image_embeds / text_embeds), not both.")
+    if scores is not None:
+        return MatrixScores(scores)
+    if not embeddings_given:
+        raise ValueError("Give scores (num_images, num_texts) or image_embeds and text_embeds with a scorer.")
+    return build_scorer(
+        scorer,
+        image_embeds=image_embeds,
+        text_embeds=text_embeds,
+        image_log_sigma2=image_log_sigma2,
+        text_log_sigma2=text_log_sigma2,
+        image_samples=image_samples,
+        text_samples=text_samples,
+        num_samples=num_samples,
+        negative_scale=negative_scale,
+        shift=shift,
+        seed=seed,
+    )
+
+
+def _rows(source: ScoreSource, direction: str, rows: slice) -> torch.Tensor:
+    return source.image_rows(rows) if direction == "i2t" else source.text_rows(rows)
+
+
+def _accumulate(means: _Means, ranks, prefix: str, fold: int, direction: str, ks, plausible) -> None:
+    for name, hits in ranks.recall_hits.items():
+        valid = ranks.valid[name]
+        label = "" if name == "pairs" else "positives_"
+        for column, k in enumerate(ks):
+            means.add(prefix, fold, f"{direction}_{label}R@{k}", hits[:, column], valid)
+        if name == "positives" or "positives" not in ranks.recall_hits:
+            means.add(prefix, fold, f"{direction}_r_precision", ranks.r_precision[name], valid)
+            means.add(prefix, fold, f"{direction}_map_at_r", ranks.ap_at_r[name], valid)
+    if plausible is not None:
+        for column, zeta in enumerate(plausible.zetas):
+            name = f"{direction}_pmrp_zeta{zeta}" if plausible.labels is not None else f"{direction}_pmrp"
+            means.add(prefix, fold, name, ranks.pmrp[:, column], ranks.pmrp_valid[:, column])
+
+
+def _collect(means: _Means, prefixes, ks, relevance_kinds, plausible) -> dict[str, float]:
+    results: dict[str, float] = {}
+    for prefix in prefixes:
+        for direction in DIRECTIONS:
+            for k in ks:
+                results[f"{prefix}{direction}_R@{k}"] = means.mean(prefix, f"{direction}_R@{k}")
+        results[f"{prefix}rsum"] = sum(results[f"{prefix}{d}_R@{k}"] for d in DIRECTIONS for k in ks)
+        for direction in DIRECTIONS:
+            for name in ("r_precision", "map_at_r"):
+                results[f"{prefix}{direction}_{name}"] = means.mean(prefix, f"{direction}_{name}")
+            if "positives" in relevance_kinds:
+                for k in ks:
+                    results[f"{prefix}{direction}_positives_R@{k}"] = means.mean(prefix, f"{direction}_positives_R@{k}")
+            if plausible is not None:
+                if plausible.labels is not None:
+                    per_zeta = [means.mean(prefix, f"{direction}_pmrp_zeta{z}") for z in plausible.zetas]
+                    for zeta, value in zip(plausible.zetas, per_zeta):
+                        results[f"{prefix}{direction}_pmrp_zeta{zeta}"] = value
+                    results[f"{prefix}{direction}_pmrp"] = sum(per_zeta) / len(per_zeta)
+                else:
+                    results[f"{prefix}{direction}_pmrp"] = means.mean(prefix, f"{direction}_pmrp")
+    return results

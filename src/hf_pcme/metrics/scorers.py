@@ -1,0 +1,352 @@
+"""Score sources for retrieval metrics: a given matrix, or embeddings and a scorer chosen by name.
+
+A score source hands out blocks of the ``(num_images, num_texts)`` score matrix (higher = better)
+a few rows at a time, in either orientation, so no caller ever holds the whole matrix:
+
+- :meth:`ScoreSource.image_rows` -> ``(r, num_texts)``, images as queries (i2t);
+- :meth:`ScoreSource.text_rows` -> ``(r, num_images)``, captions as queries (t2i).
+
+Scorers (``SCORERS``, chosen by name):
+
+- ``"cosine"``: cosine of the means ``mu_v . mu_t / (|mu_v| |mu_t|)``.
+- ``"csd"``: minus the closed-form sampled distance of PCME++ (Chun, ICLR 2024),
+  ``-(||mu_v - mu_t||^2 + sum sigma_v^2 + sum sigma_t^2)``, computed as one matrix product of
+  augmented vectors (``hf_pcme.index.query_search_vectors`` / ``item_search_vectors``).
+- ``"sampled"``: ``log p(match)``, PCME's Monte-Carlo match probability over ``J x J`` sample
+  pairs (Chun et al., CVPR 2021; ``hf_pcme.distances.pairwise_sampled_match_log_prob``), which
+  ranks exactly like ``p``. Needs the model's ``negative_scale`` (a) and ``shift`` (b).
+- ``"polysemous"``: PVSE's best pair, ``max_{i, j} cos(mu_v^i, mu_t^j)`` over ``(N, K, D)`` means
+  (Song & Soleymani, CVPR 2019).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..distances import pairwise_sampled_match_log_prob, sample_gaussian
+from ..index import item_search_vectors, query_search_vectors
+from ..registry import lookup
+
+
+def as_tensor(value: Any, name: str) -> torch.Tensor:
+    """A tensor view of a tensor, numpy array or nested list (no copy where possible)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    try:
+        return torch.as_tensor(np.asarray(value))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{name} must be a tensor or an array, got {type(value).__name__}: {error}") from None
+
+
+def _score_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64 (as do integers, exactly); everything else is scored in float32."""
+    if dtype == torch.float64 or not (dtype.is_floating_point or dtype.is_complex):
+        return torch.float64
+    return torch.float32
+
+
+class ScoreSource:
+    """Blocks of a ``(num_images, num_texts)`` score matrix (higher = better)."""
+
+    num_images: int
+    num_texts: int
+
+    @property
+    def device(self) -> torch.device:
+        """Where the blocks are computed."""
+        raise NotImplementedError
+
+    def image_rows(self, rows: slice) -> torch.Tensor:
+        """Scores of the images ``rows`` against every caption, ``(r, num_texts)``."""
+        raise NotImplementedError
+
+    def text_rows(self, rows: slice) -> torch.Tensor:
+        """Scores of the captions ``rows`` against every image, ``(r, num_images)``."""
+        raise NotImplementedError
+
+    def reorder_texts(self, order: torch.Tensor) -> None:
+        """Make caption ``j`` of every block the caption ``order[j]`` of the inputs."""
+        raise NotImplementedError
+
+
+class MatrixScores(ScoreSource):
+    """A score matrix the caller already has, ``(num_images, num_texts)``.
+
+    Integer and float64 matrices are ranked in float64 (exact ties), others in float32.
+    """
+
+    def __init__(self, scores: Any) -> None:
+        scores = as_tensor(scores, "scores")
+        if scores.dim() != 2:
+            raise ValueError(f"scores must be 2-D (num_images, num_texts), got shape {tuple(scores.shape)}.")
+        self.scores = scores
+        self.num_images, self.num_texts = scores.shape
+        self.dtype = _score_dtype(scores.dtype)
+        self.text_order: torch.Tensor | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.scores.device
+
+    def reorder_texts(self, order: torch.Tensor) -> None:
+        self.text_order = order.to(self.scores.device)
+
+    def image_rows(self, rows: slice) -> torch.Tensor:
+        block = self.scores[rows]
+        if self.text_order is not None:
+            block = block.index_select(1, self.text_order)
+        return block.to(self.dtype)
+
+    def text_rows(self, rows: slice) -> torch.Tensor:
+        if self.text_order is not None:
+            block = self.scores.index_select(1, self.text_order[rows])
+        else:
+            block = self.scores[:, rows]
+        return block.t().to(self.dtype).contiguous()
+
+
+def _means(value: Any, name: str, polysemous: bool) -> torch.Tensor:
+    mean = as_tensor(value, name)
+    if mean.dim() == 3 and mean.shape[1] == 1 and not polysemous:
+        mean = mean[:, 0]
+    if polysemous:
+        if mean.dim() == 2:
+            mean = mean.unsqueeze(1)
+        if mean.dim() != 3:
+            raise ValueError(f"{name} must be (N, K, D) (K embeddings per item), got shape {tuple(mean.shape)}.")
+    elif mean.dim() != 2:
+        hint = " (K embeddings per item: use scorer='polysemous')" if mean.dim() == 3 else ""
+        raise ValueError(f"{name} must be 2-D (N, D), got shape {tuple(mean.shape)}{hint}.")
+    if not mean.dtype.is_floating_point:
+        raise ValueError(f"{name} must be a floating point tensor, got {mean.dtype}.")
+    return mean
+
+
+class InnerProductScorer(ScoreSource):
+    """Cosine, polysemous cosine or CSD: one matrix product of search vectors per block.
+
+    The search vectors of ``hf_pcme.index`` give ``score = q . k - offset`` exactly
+    (``offset = 0`` for the cosine); with K embeddings per item the score is the max over pairs.
+    """
+
+    metric: str = "cosine"
+    polysemous: bool = False
+
+    def __init__(
+        self,
+        image_embeds: Any,
+        text_embeds: Any,
+        image_log_sigma2: Any = None,
+        text_log_sigma2: Any = None,
+    ) -> None:
+        self.image_mean = _means(image_embeds, "image_embeds", self.polysemous)
+        self.text_mean = _means(text_embeds, "text_embeds", self.polysemous)
+        if self.image_mean.shape[-1] != self.text_mean.shape[-1]:
+            raise ValueError(
+                f"image_embeds and text_embeds must have the same size D, got {tuple(self.image_mean.shape)} "
+                f"and {tuple(self.text_mean.shape)}."
+            )
+        self.image_log_sigma2 = self._log_sigma2(image_log_sigma2, self.image_mean, "image")
+        self.text_log_sigma2 = self._log_sigma2(text_log_sigma2, self.text_mean, "text")
+        self.num_images = self.image_mean.shape[0]
+        self.num_texts = self.text_mean.shape[0]
+        self._direction: str | None = None
+        self._queries: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._items: torch.Tensor | None = None
+
+    def _log_sigma2(self, value: Any, mean: torch.Tensor, side: str) -> torch.Tensor | None:
+        if self.metric != "csd":
+            return None
+        if value is None:
+            raise ValueError(f"scorer='csd' needs {side}_log_sigma2 (the log variances of the {side} embeddings).")
+        log_sigma2 = as_tensor(value, f"{side}_log_sigma2")
+        if log_sigma2.shape != mean.shape:
+            raise ValueError(
+                f"{side}_log_sigma2 must have the shape of {side}_embeds {tuple(mean.shape)}, "
+                f"got {tuple(log_sigma2.shape)}."
+            )
+        return log_sigma2
+
+    @property
+    def device(self) -> torch.device:
+        return self.image_mean.device
+
+    def reorder_texts(self, order: torch.Tensor) -> None:
+        order = order.to(self.text_mean.device)
+        self.text_mean = self.text_mean.index_select(0, order)
+        if self.text_log_sigma2 is not None:
+            self.text_log_sigma2 = self.text_log_sigma2.index_select(0, order)
+        self._direction = None
+
+    def _prepare(self, direction: str) -> None:
+        # Search vectors of one direction at a time: the other direction's are freed first.
+        if self._direction == direction:
+            return
+        self._queries = self._items = None
+        if direction == "i2t":
+            query, query_var, item, item_var = self.image_mean, self.image_log_sigma2, self.text_mean, self.text_log_sigma2
+        else:
+            query, query_var, item, item_var = self.text_mean, self.text_log_sigma2, self.image_mean, self.image_log_sigma2
+        vectors, offsets = query_search_vectors(query, query_var, self.metric)
+        items = item_search_vectors(item, item_var, self.metric)
+        self._queries = (vectors, offsets)
+        self._items = items.reshape(-1, items.shape[-1])
+        self._item_embeds = items.shape[1]
+        self._direction = direction
+
+    def _block(self, direction: str, rows: slice) -> torch.Tensor:
+        self._prepare(direction)
+        vectors, offsets = self._queries
+        query = vectors[rows]
+        num_rows, query_embeds = query.shape[:2]
+        scores = torch.mm(query.reshape(num_rows * query_embeds, -1), self._items.t())
+        if self.metric == "csd":
+            scores.sub_(offsets[rows].reshape(-1, 1))
+        if query_embeds > 1 or self._item_embeds > 1:
+            scores = scores.view(num_rows, query_embeds, -1, self._item_embeds).amax(dim=(1, 3))
+        return scores
+
+    def image_rows(self, rows: slice) -> torch.Tensor:
+        return self._block("i2t", rows)
+
+    def text_rows(self, rows: slice) -> torch.Tensor:
+        return self._block("t2i", rows)
+
+
+class CosineScorer(InnerProductScorer):
+    """Cosine of the means (PCME's "matmul" ranking; VSE++, InfoNCE)."""
+
+    metric = "cosine"
+
+
+class CSDScorer(InnerProductScorer):
+    """``-CSD``, PCME++'s closed-form sampled distance (exact, via augmented vectors)."""
+
+    metric = "csd"
+
+
+class PolysemousScorer(InnerProductScorer):
+    """PVSE: the best cosine over the K x K embedding pairs of ``(N, K, D)`` means."""
+
+    metric = "cosine"
+    polysemous = True
+
+
+class SampledMatchScorer(ScoreSource):
+    """``log p(match)`` of PCME over J x J Monte-Carlo sample pairs (J^2 times the cost of cosine).
+
+    Samples come from ``image_samples`` / ``text_samples`` ``(N, J, D)`` (e.g.
+    ``ProbabilisticEmbedding.samples``) or are drawn once, ``num_samples`` per item, from the means
+    and log variances with a generator seeded by ``seed``, so both directions see the same samples.
+    """
+
+    def __init__(
+        self,
+        image_embeds: Any = None,
+        text_embeds: Any = None,
+        image_log_sigma2: Any = None,
+        text_log_sigma2: Any = None,
+        *,
+        image_samples: Any = None,
+        text_samples: Any = None,
+        num_samples: int = 7,
+        negative_scale: Any = None,
+        shift: Any = None,
+        seed: int = 0,
+    ) -> None:
+        if negative_scale is None or shift is None:
+            raise ValueError(
+                "scorer='sampled' needs negative_scale and shift, the model's learned a and b "
+                "(model.negative_scale, model.shift)."
+            )
+        self.negative_scale = float(as_tensor(negative_scale, "negative_scale").reshape(-1)[0])
+        self.shift = float(as_tensor(shift, "shift").reshape(-1)[0])
+        def generator(side: str) -> callable:
+            # different streams for images and captions, so their noise is independent
+            offset = 0 if side == "image" else 1
+            return lambda device: torch.Generator(device=device).manual_seed(2 * int(seed) + offset)
+
+        self.image_samples = self._samples(image_samples, image_embeds, image_log_sigma2, num_samples, generator("image"), "image")
+        self.text_samples = self._samples(text_samples, text_embeds, text_log_sigma2, num_samples, generator("text"), "text")
+        if self.image_samples.shape[-1] != self.text_samples.shape[-1]:
+            raise ValueError("image and text samples must have the same size D.")
+        self.num_images = self.image_samples.shape[0]
+        self.num_texts = self.text_samples.shape[0]
+
+    @staticmethod
+    def _samples(samples, mean, log_sigma2, num_samples, generator, side) -> torch.Tensor:
+        if samples is not None:
+            samples = as_tensor(samples, f"{side}_samples")
+            if samples.dim() != 3:
+                raise ValueError(f"{side}_samples must be (N, J, D), got shape {tuple(samples.shape)}.")
+            return samples
+        if mean is None or log_sigma2 is None:
+            raise ValueError(
+                f"scorer='sampled' needs {side}_samples (N, J, D), or {side}_embeds and {side}_log_sigma2 to draw them."
+            )
+        mean = _means(mean, f"{side}_embeds", polysemous=False)
+        log_sigma2 = as_tensor(log_sigma2, f"{side}_log_sigma2")
+        if log_sigma2.shape != mean.shape:
+            raise ValueError(f"{side}_log_sigma2 must have the shape of {side}_embeds {tuple(mean.shape)}.")
+        return sample_gaussian(mean.float(), log_sigma2.float(), num_samples, generator=generator(mean.device))
+
+    @property
+    def device(self) -> torch.device:
+        return self.image_samples.device
+
+    def reorder_texts(self, order: torch.Tensor) -> None:
+        self.text_samples = self.text_samples.index_select(0, order.to(self.text_samples.device))
+
+    def image_rows(self, rows: slice) -> torch.Tensor:
+        with torch.no_grad():
+            return pairwise_sampled_match_log_prob(self.image_samples[rows], self.text_samples, self.negative_scale, self.shift)[0]
+
+    def text_rows(self, rows: slice) -> torch.Tensor:
+        with torch.no_grad():
+            return pairwise_sampled_match_log_prob(self.text_samples[rows], self.image_samples, self.negative_scale, self.shift)[0]
+
+
+#: Scorer name -> class. Add a scorer with one line here.
+SCORERS: dict[str, type[ScoreSource]] = {
+    "cosine": CosineScorer,
+    "csd": CSDScorer,
+    "sampled": SampledMatchScorer,
+    "polysemous": PolysemousScorer,
+}
+
+
+def build_scorer(
+    name: str,
+    *,
+    image_embeds: Any = None,
+    text_embeds: Any = None,
+    image_log_sigma2: Any = None,
+    text_log_sigma2: Any = None,
+    image_samples: Any = None,
+    text_samples: Any = None,
+    num_samples: int = 7,
+    negative_scale: Any = None,
+    shift: Any = None,
+    seed: int = 0,
+) -> ScoreSource:
+    """The score source of scorer ``name`` (a key of :data:`SCORERS`) over these embeddings."""
+    scorer_class = lookup(SCORERS, name, "scorer")
+    if scorer_class is SampledMatchScorer:
+        return SampledMatchScorer(
+            image_embeds,
+            text_embeds,
+            image_log_sigma2,
+            text_log_sigma2,
+            image_samples=image_samples,
+            text_samples=text_samples,
+            num_samples=num_samples,
+            negative_scale=negative_scale,
+            shift=shift,
+            seed=seed,
+        )
+    if image_embeds is None or text_embeds is None:
+        raise ValueError(f"scorer={name!r} needs image_embeds and text_embeds (or pass scores=).")
+    return scorer_class(image_embeds, text_embeds, image_log_sigma2, text_log_sigma2)

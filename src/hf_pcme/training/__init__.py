@@ -1,0 +1,25 @@
+"""Training: typed recipes, the resumable accelerate Trainer, crash-safe checkpoints, model cards.
+
+    from hf_pcme.training import load_recipe, train
+    result = train(load_recipe("configs/shapes_pcme.yaml", ["train.max_steps=20"]))
+    result.model, result.processor, result.metrics, result.output_dir
+"""
+
+from .checkpointing import CheckpointManager, find_latest_checkpoint, is_valid_checkpoint
+from .config import DataRecipe, EvalRecipe, ModelRecipe, Recipe, TrainRecipe, load_recipe, recipe_from_dict
+from .model_card import build_model_card, write_model_card
+
+__all__ = [
+    "CheckpointManager",
+    "DataRecipe",
+    "EvalRecipe",
+    "ModelRecipe",
+    "Recipe",
+    "TrainRecipe",
+    "build_model_card",
+    "find_latest_checkpoint",
+    "is_valid_checkpoint",
+    "load_recipe",
+    "recipe_from_dict",
+    "write_model_card",
+]

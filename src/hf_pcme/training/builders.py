@@ -1,0 +1,132 @@
+"""Build the model and the processor a recipe describes (towers from hub ids, local folders or configs)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from transformers import AutoImageProcessor, AutoTokenizer, PreTrainedModel
+
+from ..configuration_pcme import PCMEConfig
+from ..modeling_pcme import BUILTIN_TOWERS, PCMEModel
+from ..processing_pcme import PCMEProcessor
+from ..tokenization import build_word_level_tokenizer
+from .config import ModelRecipe, Recipe
+
+logger = logging.getLogger(__name__)
+
+#: ImageNet statistics: what the pretrained CNN towers expect, and the default otherwise.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: ModelRecipe fields that are PCMEConfig fields of the same name.
+_CONFIG_FIELDS = (
+    "embed_dim",
+    "head_type",
+    "num_embeds",
+    "num_samples",
+    "attention_hidden_dim",
+    "head_dropout",
+    "loss_type",
+    "loss_kwargs",
+    "init_negative_scale",
+    "init_shift",
+    "match_function",
+)
+
+
+def pcme_config_kwargs(model: ModelRecipe) -> dict[str, Any]:
+    """The :class:`~hf_pcme.PCMEConfig` keyword arguments of a model recipe (all but the towers)."""
+    return {name: getattr(model, name) for name in _CONFIG_FIELDS}
+
+
+def _uses_builtin_text_tower(model: ModelRecipe) -> bool:
+    if model.text_tower is not None:
+        return False
+    return (model.text_config or {}).get("model_type", "pcme_bigru") in BUILTIN_TOWERS
+
+
+def build_tokenizer(recipe: Recipe, captions: Iterable[str] | None = None):
+    """The tokenizer named by ``model.tokenizer`` / ``model.text_tower``, or a word-level one built from ``captions``."""
+    model = recipe.model
+    name = model.tokenizer or model.text_tower
+    if name is not None:
+        return AutoTokenizer.from_pretrained(name, model_max_length=model.max_caption_length)
+    if captions is None:
+        raise ValueError(
+            "The recipe has no model.tokenizer or model.text_tower, so the word-level tokenizer of the bi-GRU "
+            "must be built from the training captions, but none were given."
+        )
+    return build_word_level_tokenizer(
+        captions, min_frequency=model.vocab_min_frequency, model_max_length=model.max_caption_length
+    )
+
+
+def build_image_processor(recipe: Recipe):
+    """The image processor of ``model.vision_tower`` (resized to ``data.image_size``), or an ImageNet-normalising one."""
+    size = recipe.data.image_size
+    if recipe.model.vision_tower is not None:
+        try:
+            return AutoImageProcessor.from_pretrained(recipe.model.vision_tower)
+        except (OSError, ValueError) as error:  # a tower folder saved without its processor
+            logger.warning("No image processor found for %s (%s); using a plain resize + ImageNet normalisation.",
+                           recipe.model.vision_tower, error)
+    from transformers import ViTImageProcessorPil
+
+    return ViTImageProcessorPil(
+        size={"height": size, "width": size}, image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD)
+    )
+
+
+def build_processor(recipe: Recipe, captions: Iterable[str] | None = None) -> PCMEProcessor:
+    """Image processor + tokenizer for a recipe; ``model.pretrained`` loads the saved processor instead."""
+    if recipe.model.pretrained is not None:
+        return PCMEProcessor.from_pretrained(recipe.model.pretrained)
+    return PCMEProcessor(image_processor=build_image_processor(recipe), tokenizer=build_tokenizer(recipe, captions))
+
+
+def _load_tower(name: str) -> PreTrainedModel:
+    from ..modeling_pcme import _load_pretrained_tower
+
+    return _load_pretrained_tower(name)
+
+
+def build_model(recipe: Recipe, tokenizer: Any = None) -> PCMEModel:
+    """The :class:`~hf_pcme.PCMEModel` of a recipe.
+
+    ``model.pretrained`` loads a whole saved model. Otherwise each tower is loaded pretrained from
+    ``vision_tower`` / ``text_tower`` (hub id or local folder) or built from ``vision_config`` /
+    ``text_config``; the built-in bi-GRU gets ``vocab_size`` / ``pad_token_id`` from ``tokenizer``
+    and, with ``model.word_embeddings``, GloVe word vectors.
+    """
+    model_recipe = recipe.model
+    if model_recipe.pretrained is not None:
+        return PCMEModel.from_pretrained(model_recipe.pretrained)
+    vision_model = _load_tower(model_recipe.vision_tower) if model_recipe.vision_tower else None
+    text_model = _load_tower(model_recipe.text_tower) if model_recipe.text_tower else None
+    text_config: Any = dict(model_recipe.text_config or {"model_type": "pcme_bigru"})
+    if _uses_builtin_text_tower(model_recipe) and tokenizer is not None:
+        text_config["vocab_size"] = len(tokenizer)
+        text_config["pad_token_id"] = tokenizer.pad_token_id
+    config = PCMEConfig(
+        vision_config=vision_model.config if vision_model is not None else dict(model_recipe.vision_config or {}),
+        text_config=text_model.config if text_model is not None else text_config,
+        **pcme_config_kwargs(model_recipe),
+    )
+    model = PCMEModel(config, vision_model=vision_model, text_model=text_model)
+    if model_recipe.word_embeddings is not None:
+        if not _uses_builtin_text_tower(model_recipe) or tokenizer is None:
+            raise ValueError("model.word_embeddings (GloVe vectors) only applies to the built-in bi-GRU text tower.")
+        found = model.text_model.load_word_vectors(model_recipe.word_embeddings, tokenizer.get_vocab())
+        logger.info("Initialised %d of %d word vectors from %s.", found, len(tokenizer), model_recipe.word_embeddings)
+    return model
+
+
+__all__ = [
+    "build_image_processor",
+    "build_model",
+    "build_processor",
+    "build_tokenizer",
+    "pcme_config_kwargs",
+]

@@ -1,0 +1,199 @@
+"""Model card (README.md) of a trained model, filled from ``model_cards/template.md``.
+
+The card's YAML front matter carries ``model-index`` metadata (one result entry per metric, task
+``cross-modal-retrieval``) built with ``huggingface_hub.ModelCardData`` / ``EvalResult``, so the Hub
+shows the scores; the body gives the towers, the recipe, intended use and limitations.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .config import Recipe
+
+#: The template shipped with the repository (``model_cards/template.md`` at its root).
+DEFAULT_TEMPLATE = Path(__file__).resolve().parents[3] / "model_cards" / "template.md"
+
+TASK_TYPE = "cross-modal-retrieval"
+TASK_NAME = "Cross-modal retrieval"
+
+_DATASET_NAMES = {"coco": "MS-COCO (Karpathy split)", "cub": "CUB-200-2011 captions", "shapes": "Synthetic shapes"}
+
+
+def metric_display_name(key: str) -> str:
+    """``"i2t_R@1"`` -> ``"i2t R@1"``, ``"t2i_pmrp"`` -> ``"t2i PMRP"``, ``"rsum"`` -> ``"RSUM"``."""
+    parts = key.split("_")
+    pretty = []
+    for part in parts:
+        lower = part.lower()
+        if lower in ("i2t", "t2i"):
+            pretty.append(lower)
+        elif lower in ("pmrp", "rsum", "map@r", "r-precision", "rp", "ecc"):
+            pretty.append(part.upper() if lower != "map@r" else "mAP@R")
+        else:
+            pretty.append(part)
+    return " ".join(pretty)
+
+
+def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for key, value in metrics.items():
+        if hasattr(value, "item"):
+            value = value.item()
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = float(value)
+    return out
+
+
+def results_table(metrics: dict[str, Any]) -> str:
+    """A markdown table of the metrics: one row per metric name, i2t and t2i side by side."""
+    metrics = _numeric(metrics)
+    if not metrics:
+        return "_No evaluation results were recorded for this model._"
+    rows: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        direction, _, name = key.partition("_")
+        if direction in ("i2t", "t2i") and name:
+            rows.setdefault(name, {})[direction] = value
+        else:
+            rows.setdefault(key, {})["all"] = value
+    lines = ["| metric | i2t | t2i | overall |", "|---|---|---|---|"]
+    for name, cells in rows.items():
+        fmt = [f"{cells[c]:.2f}" if c in cells else "" for c in ("i2t", "t2i", "all")]
+        lines.append(f"| {metric_display_name(name)} | " + " | ".join(fmt) + " |")
+    return "\n".join(lines)
+
+
+def _tower_text(name: str | None, config: dict | None, default: str) -> str:
+    if name:
+        return f"`{name}` (pretrained)"
+    if config:
+        return f"`{config.get('model_type', default)}` (trained from scratch)"
+    return f"`{default}` (trained from scratch)"
+
+
+def build_model_card(
+    recipe: Recipe,
+    metrics: dict[str, Any] | None = None,
+    *,
+    repo_id: str | None = None,
+    dataset_split: str | None = None,
+    eval_protocol: str | None = None,
+    training_summary: str | None = None,
+    template_path: str | Path | None = None,
+) -> ModelCard:
+    """Fill the model card template for a model trained with ``recipe``.
+
+    Args:
+        recipe: the training recipe (written into the card).
+        metrics: flat evaluation results in percent (``{"i2t_R@1": 68.8, "t2i_pmrp": 46.0, ...}``);
+            each becomes a ``model-index`` result.
+        repo_id: Hub id or folder used in the usage snippet (default: the recipe's ``output_dir``).
+        dataset_split: split the metrics were computed on (default: ``recipe.data.eval_split``).
+        training_summary: a paragraph about the run (steps, time, hardware).
+        template_path: a Jinja template (default: ``model_cards/template.md``).
+    """
+    template_path = Path(template_path) if template_path is not None else DEFAULT_TEMPLATE
+    if not template_path.is_file():
+        raise ValueError(f"Model card template {str(template_path)!r} does not exist; pass template_path.")
+    metrics = _numeric(metrics or {})
+    model = recipe.model
+    dataset_split = dataset_split or recipe.data.eval_split
+    dataset_name = _DATASET_NAMES.get(recipe.data.name, recipe.data.name)
+    model_name = repo_id.split("/")[-1] if repo_id else recipe.name
+    eval_results = [
+        EvalResult(
+            task_type=TASK_TYPE,
+            task_name=TASK_NAME,
+            dataset_type=recipe.data.name,
+            dataset_name=dataset_name,
+            dataset_split=dataset_split,
+            metric_type=key,
+            metric_name=metric_display_name(key),
+            metric_value=round(value, 4),
+        )
+        for key, value in metrics.items()
+    ]
+    tags = ["hf_pcme", "pcme", "cross-modal-retrieval", "image-text-retrieval", model.loss_type, model.head_type]
+    card_data = ModelCardData(
+        model_name=model_name,
+        library_name="transformers",
+        license="apache-2.0",
+        tags=list(dict.fromkeys(tags)),
+        datasets=[recipe.data.name],
+        metrics=sorted({key.partition("_")[2] or key for key in metrics}) or None,
+        eval_results=eval_results or None,
+        base_model=[m for m in (model.vision_tower, model.text_tower) if m and not Path(m).exists()] or None,
+    )
+    probabilistic = model.head_type == "probabilistic"
+    embedding_kind = {
+        "probabilistic": "Gaussian distribution (a mean and a per-dimension variance)",
+        "deterministic": "point",
+        "polysemous": f"set of {model.num_embeds} points",
+    }[model.head_type]
+    if probabilistic:
+        match_text = (
+            "closed-form sampled distance (PCME++)"
+            if model.match_function == "csd"
+            else f"Monte-Carlo match probability over J = {model.num_samples} samples per item (PCME)"
+        )
+    else:
+        match_text = "cosine similarity of the embeddings" + (" (best of K x K pairs)" if model.head_type == "polysemous" else "")
+    summary = {
+        "probabilistic": "A probabilistic cross-modal embedding (PCME, Chun et al. CVPR 2021): each input is a "
+        "Gaussian, so ambiguous images and captions get a larger variance, and a pair's match probability "
+        "accounts for both uncertainties.",
+        "deterministic": "A deterministic dual encoder (one point per input), trained as a baseline for "
+        "probabilistic embeddings.",
+        "polysemous": "A polysemous visual-semantic embedding (PVSE, Song & Soleymani CVPR 2019): K points per input.",
+    }[model.head_type]
+    train = recipe.train
+    default_summary = (
+        f"Two phases: phase 1 with the {', '.join(train.phase1_frozen) or 'no'} tower(s) frozen, then all "
+        f"parameters fine-tuned. Global batch {train.batch_size} x {train.grad_accum} accumulation step(s), "
+        f"learning rate {train.lr:g} with {train.warmup_steps} warmup steps and cosine decay, weight decay "
+        f"{train.weight_decay:g}, gradient clipping {train.grad_clip}, mixed precision `{train.mixed_precision}`."
+    )
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(template_path),
+        model_name=model_name,
+        model_summary=summary,
+        recipe_name=recipe.name,
+        embedding_kind=embedding_kind,
+        embed_dim=model.embed_dim,
+        vision_tower=_tower_text(model.vision_tower or model.pretrained, model.vision_config, "resnet"),
+        text_tower=_tower_text(model.text_tower or model.pretrained, model.text_config, "pcme_bigru"),
+        head_type=model.head_type,
+        num_embeds=model.num_embeds,
+        loss_type=model.loss_type,
+        match_function_text=match_text,
+        repo_id=repo_id or recipe.output_dir,
+        dataset_name=dataset_name,
+        dataset_split=dataset_split,
+        eval_protocol=eval_protocol,
+        results_table=results_table(metrics),
+        training_summary=training_summary or default_summary,
+        recipe_yaml=recipe.to_yaml().rstrip(),
+        input_limits=f"images are resized to {recipe.data.image_size} px and captions cut at "
+        f"{model.max_caption_length} tokens",
+        extra_limitations=(
+            "Trained on synthetic shapes: a demonstration model, not for natural images."
+            if recipe.data.name == "shapes"
+            else None
+        ),
+    )
+    return card
+
+
+def write_model_card(directory: str | Path, recipe: Recipe, metrics: dict[str, Any] | None = None, **kwargs: Any) -> Path:
+    """Build the card (see :func:`build_model_card`) and save it as ``<directory>/README.md``."""
+    path = Path(directory) / "README.md"
+    build_model_card(recipe, metrics, **kwargs).save(path)
+    return path
+
+
+__all__ = ["build_model_card", "metric_display_name", "results_table", "write_model_card"]
