@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -59,54 +60,58 @@ def measure(steps: int, batch_size: int, cache_dir: str, num_workers: int = 0) -
     from hf_pcme.training.trainer import Trainer
 
     torch.set_num_threads(1)  # two processes share two cores
-    with tempfile.TemporaryDirectory() as out:
-        trainer = Trainer(_recipe(out, steps, batch_size, cache_dir, num_workers))
-        accelerator = trainer.accelerator
-        trainer.setup()
-        initial_state = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    # One output folder shared by all processes (checkpoints are written together). Rank from the
+    # launcher's environment: creating accelerate's state here would fix it before cpu=True is passed.
+    out = os.path.join(cache_dir, f"run_{os.environ.get('WORLD_SIZE', '1')}")
+    if os.environ.get("RANK", "0") == "0":
+        shutil.rmtree(out, ignore_errors=True)
+    trainer = Trainer(_recipe(out, steps, batch_size, cache_dir, num_workers))
+    accelerator = trainer.accelerator
+    trainer.setup()
+    initial_state = {k: v.clone() for k, v in trainer.model.state_dict().items()}
 
-        # Full loop: timestamps taken after every optimiser step.
-        stamps: list[float] = []
-        original_after_step = trainer._after_step
+    # Full loop: timestamps taken after every optimiser step.
+    stamps: list[float] = []
+    original_after_step = trainer._after_step
 
-        def after_step(state, logs):
-            original_after_step(state, logs)
-            stamps.append(time.perf_counter())
+    def after_step(state, logs):
+        original_after_step(state, logs)
+        stamps.append(time.perf_counter())
 
-        trainer._after_step = after_step
-        trainer.train()
-        trainer_step = _median_step(stamps)
+    trainer._after_step = after_step
+    trainer.train()
+    trainer_step = _median_step(stamps)
 
-        # Bare loop: the same (local) batches, collated beforehand, same module and optimiser.
-        # Drop the trainer's DDP wrapper first: its gradient hooks would also fire in the bare loop.
-        trainer.module = trainer.optimizer = trainer.scheduler = trainer.train_loader = None
-        accelerator.free_memory()
-        trainer.model.load_state_dict(initial_state)
-        freeze_towers(trainer.model, [])
-        loader = accelerator.prepare(trainer._make_train_loader())
-        loader.set_epoch(100_000)  # phase 2, epoch 0: the batches the trainer saw
-        batches = [batch for _, batch in zip(range(steps), loader)]
-        module = ContrastiveTrainingModule(trainer.model)
-        optimizer = build_optimizer(trainer.model, 1e-3)
-        module, optimizer = accelerator.prepare(module, optimizer)
-        module.train()
-        stamps = [time.perf_counter()]
-        for batch in batches:
-            loss = module(**batch).loss
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            stamps.append(time.perf_counter())
-        bare_step = _median_step(stamps)
-        accelerator.wait_for_everyone()
-        return {
-            "processes": accelerator.num_processes,
-            "trainer_s": trainer_step,
-            "bare_s": bare_step,
-            "batch": batch_size,
-            "steps": steps,
-            "workers": num_workers,
-        }
+    # Bare loop: the same (local) batches, collated beforehand, same module and optimiser.
+    # Drop the trainer's DDP wrapper first: its gradient hooks would also fire in the bare loop.
+    trainer.module = trainer.optimizer = trainer.scheduler = trainer.train_loader = None
+    accelerator.free_memory()
+    trainer.model.load_state_dict(initial_state)
+    freeze_towers(trainer.model, [])
+    loader = accelerator.prepare(trainer._make_train_loader())
+    loader.set_epoch(100_000)  # phase 2, epoch 0: the batches the trainer saw
+    batches = [batch for _, batch in zip(range(steps), loader)]
+    module = ContrastiveTrainingModule(trainer.model)
+    optimizer = build_optimizer(trainer.model, 1e-3)
+    module, optimizer = accelerator.prepare(module, optimizer)
+    module.train()
+    stamps = [time.perf_counter()]
+    for batch in batches:
+        loss = module(**batch).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        stamps.append(time.perf_counter())
+    bare_step = _median_step(stamps)
+    accelerator.wait_for_everyone()
+    return {
+        "processes": accelerator.num_processes,
+        "trainer_s": trainer_step,
+        "bare_s": bare_step,
+        "batch": batch_size,
+        "steps": steps,
+        "workers": num_workers,
+    }
 
 
 def main() -> None:

@@ -12,6 +12,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+# Tiny test models run fastest (and identically everywhere) on one thread; two threads on a
+# shared 2-core machine oversubscribe it.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     torch.manual_seed(0)

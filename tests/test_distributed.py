@@ -2,6 +2,7 @@
 
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from hf_pcme.distributed import gather_embeddings, gather_tensor
 from hf_pcme.testing import tiny_pcme_config
 from hf_pcme.training.module import ContrastiveTrainingModule, positive_mask_from_ids
 
+REPO = Path(__file__).resolve().parents[1]
 WORLD_SIZE = 2
 GLOBAL_BATCH = 8
 # Image ids with repeats inside and across the two halves: positives span processes.
@@ -66,6 +68,27 @@ def _loss_and_grads(module, batch):
     return output.loss.detach(), grads
 
 
+def _trainer_recipe(output_dir, cache_dir):
+    """A tiny full recipe whose training is batch-composition independent: a ViT tower (LayerNorm, no
+    BatchNorm), the bi-GRU, and the PCME++ loss (no Monte-Carlo samples in the loss)."""
+    from hf_pcme.training.config import load_recipe
+
+    return load_recipe(
+        REPO / "configs" / "shapes_pcme.yaml",
+        [
+            "model.vision_config={model_type: vit, image_size: 32, patch_size: 8, hidden_size: 16, num_hidden_layers: 1, "
+            "num_attention_heads: 2, intermediate_size: 32}",
+            "model.text_config={model_type: pcme_bigru, word_dim: 8, hidden_size: 16}",
+            "model.embed_dim=8", "model.loss_type=pcme++", "model.match_function=csd",
+            "model.loss_kwargs={vib_beta: 1.0e-4}",
+            f"data.options={{num_images: 8, num_eval_images: 4, image_size: 32, cache_dir: {cache_dir}}}",
+            "data.image_size=32", "train.batch_size=8", "train.phase1_steps=1", "train.phase2_steps=2",
+            "train.phase1_frozen=[vision]", "train.warmup_steps=0", "train.eval_every=3", "eval.max_images=4",
+            f"output_dir={output_dir}",
+        ],
+    )
+
+
 def _worker(rank, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
@@ -91,6 +114,19 @@ def _worker(rank, port, out_dir):
             module = _build_module(scenario)
             ddp = torch.nn.parallel.DistributedDataParallel(module)
             results[scenario] = _loss_and_grads(ddp, _local_batch(batch, rank))
+
+        # The whole Trainer, launched the way accelerate launch does (environment variables).
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), TQDM_DISABLE="1")
+        from accelerate import PartialState
+
+        from hf_pcme.training.trainer import train
+
+        result = train(_trainer_recipe(os.path.join(out_dir, "trainer"), os.path.join(out_dir, "cache")))
+        results["trainer"] = {
+            "processes": PartialState().num_processes,  # accelerate really ran 2 processes
+            "weights": {k: v.detach().clone() for k, v in result.model.state_dict().items()},
+            "metrics": result.metrics,
+        }
     finally:
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.destroy_process_group()
@@ -111,8 +147,16 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def two_process_results(tmp_path_factory):
+def one_process_training(tmp_path_factory):
+    from hf_pcme.training.trainer import train
+
     out_dir = tmp_path_factory.mktemp("ddp")
+    return out_dir, train(_trainer_recipe(out_dir / "single", out_dir / "cache"))  # also builds the data cache
+
+
+@pytest.fixture(scope="module")
+def two_process_results(one_process_training):
+    out_dir = one_process_training[0]
     mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=True)
     return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
 
@@ -146,6 +190,20 @@ def test_two_processes_match_one_process_on_the_global_batch(two_process_results
             # DDP averages the per-process gradients; with gathering-with-gradients that average
             # is exactly the single-process gradient (see hf_pcme.distributed).
             torch.testing.assert_close(grad, single_grads[name], rtol=1e-4, atol=1e-6, msg=f"{scenario}: {name}")
+
+
+def test_two_process_trainer_trains_like_one_process(two_process_results, one_process_training):
+    """End to end: accelerate with 2 gloo processes (each half of every global batch) = 1 process."""
+    single = one_process_training[1]
+    expected = {k: v.detach() for k, v in single.model.state_dict().items()}
+    for results in two_process_results:
+        trained = results["trainer"]
+        assert trained["processes"] == WORLD_SIZE
+        assert trained["weights"].keys() == expected.keys()
+        for name, value in trained["weights"].items():
+            torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=1e-5, msg=name)
+        assert trained["metrics"].keys() == single.metrics.keys()
+        assert trained["metrics"]["rsum"] == pytest.approx(single.metrics["rsum"])
 
 
 def test_cross_process_positives_change_the_loss():

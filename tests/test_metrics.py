@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from hf_pcme.distances import pairwise_csd, pairwise_sampled_match_log_prob, sample_gaussian
 from hf_pcme.metrics import SCORERS, build_scorer, coco_folds, evaluate_retrieval
-from hf_pcme.metrics import ranking
+from hf_pcme.metrics import ranking, retrieval
 
 KS = (1, 5, 10)
 
@@ -76,10 +76,12 @@ def brute_all(scores, text_to_image, labels=None, zetas=(0, 1, 2), ks=KS, positi
                 plausible_images = hamming <= zeta
                 if direction == "i2t":
                     rel = plausible_images[:, text_to_image]
-                    _, rp, _ = brute_direction(scores, rel, ks, considered=image_labelled[text_to_image], query_ok=image_labelled)
+                    considered, query_ok = image_labelled[text_to_image], image_labelled
+                    _, rp, _ = brute_direction(scores, rel, ks, considered=considered, query_ok=query_ok)
                 else:
                     rel = plausible_images[text_to_image]
-                    _, rp, _ = brute_direction(scores.t(), rel, ks, considered=image_labelled, query_ok=image_labelled[text_to_image])
+                    considered, query_ok = image_labelled, image_labelled[text_to_image]
+                    _, rp, _ = brute_direction(scores.t(), rel, ks, considered=considered, query_ok=query_ok)
                 out[f"{direction}_pmrp_zeta{zeta}"] = rp
                 values.append(rp)
             out[f"{direction}_pmrp"] = sum(values) / len(values)
@@ -111,6 +113,23 @@ def test_all_metrics_equal_bruteforce_with_ties(seed):
     assert_same(result, brute_all(scores, text_to_image, labels))
 
 
+def test_levels_without_the_image_pair_table_match_bruteforce(monkeypatch):
+    # large image sets compute the PMRP levels block by block instead of one image x image table
+    monkeypatch.setattr(retrieval, "LEVEL_TABLE_IMAGES", 0)
+    scores, text_to_image, labels = random_case(seed=3)
+    result = evaluate_retrieval(
+        scores=scores, text_to_image=text_to_image, image_labels=labels, protocol="coco", fold_size=4
+    )
+    assert_same(result, brute_all(scores, text_to_image, labels))
+
+
+def test_float64_scores_match_float32_ranking():
+    scores, text_to_image, labels = random_case(seed=4)
+    as64 = evaluate_retrieval(scores=scores.double(), text_to_image=text_to_image, image_labels=labels)
+    assert as64 == evaluate_retrieval(scores=scores, text_to_image=text_to_image, image_labels=labels)
+    assert_same(as64, brute_all(scores, text_to_image, labels))
+
+
 def test_continuous_scores_and_variable_caption_counts_equal_bruteforce():
     g = torch.Generator().manual_seed(3)
     text_to_image = torch.tensor([0, 1, 1, 2, 2, 2, 3, 4, 4, 4, 4, 5, 0, 3, 5, 6, 7, 7])
@@ -132,6 +151,49 @@ def test_many_buckets_with_ties_across_edges_match_bruteforce(buckets, monkeypat
         scores=scores, text_to_image=text_to_image, image_labels=labels, chunk_size=7, protocol="coco", fold_size=20
     )
     assert_same(result, brute_all(scores, text_to_image, labels))
+
+
+def sorted_reference(scores, relevant, considered=None, query_ok=None):
+    """Vectorised R-Precision with a full argsort (valid without ties): mean over queries with R > 0."""
+    if considered is not None:
+        scores = scores.masked_fill(~considered, -math.inf)
+        relevant = relevant & considered
+    r = relevant.sum(1)
+    order = torch.argsort(scores, dim=1, descending=True)
+    ranked = relevant.gather(1, order).long().cumsum(1)
+    hits = ranked.gather(1, (r - 1).clamp_min(0).unsqueeze(1)).squeeze(1)
+    ok = (r > 0) if query_ok is None else (r > 0) & query_ok
+    return 100.0 * float((hits[ok].double() / r[ok].double()).mean())
+
+
+def test_realistic_size_pmrp_equals_sorted_reference():
+    # 1,000 captions: the real bucket counts; a frequent category makes R large (deep targets)
+    g = torch.Generator().manual_seed(14)
+    text_to_image = torch.arange(200).repeat_interleave(5)
+    scores = torch.randn(200, 1000, generator=g)
+    rates = torch.full((20,), 0.05)
+    rates[0] = 0.5
+    labels = (torch.rand(200, 20, generator=g) < rates).float()
+    result = evaluate_retrieval(
+        scores=scores, text_to_image=text_to_image, image_labels=labels, protocol="coco", fold_size=100
+    )
+    labelled = labels.sum(1) > 0
+    hamming = (labels.unsqueeze(1) != labels.unsqueeze(0)).sum(-1)
+    for zeta in (0, 1, 2):
+        plausible = (hamming <= zeta)[:, text_to_image]
+        i2t = sorted_reference(scores, plausible, labelled[text_to_image].expand(200, -1), labelled)
+        t2i = sorted_reference(scores.t(), plausible.t(), labelled.expand(1000, -1), labelled[text_to_image])
+        assert result[f"i2t_pmrp_zeta{zeta}"] == pytest.approx(i2t, abs=1e-9)
+        assert result[f"t2i_pmrp_zeta{zeta}"] == pytest.approx(t2i, abs=1e-9)
+        fold = slice(100, 200), slice(500, 1000)  # the second 1K fold
+        fold_i2t = sorted_reference(
+            scores[fold], plausible[fold], labelled[text_to_image][fold[1]].expand(100, -1), labelled[fold[0]]
+        )
+        first = sorted_reference(
+            scores[:100, :500], plausible[:100, :500], labelled[text_to_image][:500].expand(100, -1), labelled[:100]
+        )
+        assert result[f"1k/i2t_pmrp_zeta{zeta}"] == pytest.approx((first + fold_i2t) / 2, abs=1e-9)
+    assert result["i2t_pmrp_zeta2"] > 20  # deep targets indeed
 
 
 def test_constant_scores_get_pessimistic_ranks():
@@ -194,7 +256,8 @@ def test_class_labels_pmrp_and_positives():
     assert_same(result, expected)
     # PMRP by class: R-Precision over labelled items and queries
     labelled = classes >= 0
-    _, pmrp_i2t, _ = brute_direction(scores, same[:, text_to_image], considered=labelled[text_to_image], query_ok=labelled)
+    relevant = same[:, text_to_image]
+    _, pmrp_i2t, _ = brute_direction(scores, relevant, considered=labelled[text_to_image], query_ok=labelled)
     assert result["i2t_pmrp"] == pytest.approx(pmrp_i2t)
 
 
@@ -253,7 +316,9 @@ def test_1k_pmrp_skips_folds_without_labelled_queries():
     scores, text_to_image, labels = random_case(num_images=4, captions=2, seed=10)
     labels[:2] = 0  # fold 0 has no labelled image
     labels[2:] = torch.tensor([[1.0, 0, 0, 0, 0, 0], [1.0, 1, 0, 0, 0, 0]])
-    result = evaluate_retrieval(scores=scores, text_to_image=text_to_image, image_labels=labels, protocol="coco", fold_size=2)
+    result = evaluate_retrieval(
+        scores=scores, text_to_image=text_to_image, image_labels=labels, protocol="coco", fold_size=2
+    )
     captions = [j for j in range(8) if int(text_to_image[j]) >= 2]
     fold = brute_all(scores[2:][:, captions], text_to_image[captions] - 2, labels[2:])
     assert result["1k/i2t_pmrp"] == pytest.approx(fold["i2t_pmrp"])
@@ -282,7 +347,8 @@ def test_csd_scorer_equals_minus_pairwise_csd():
         image_embeds=mean_i, text_embeds=mean_t, image_log_sigma2=log_i, text_log_sigma2=log_t,
         text_to_image=t2i, scorer="csd", protocol="coco", fold_size=5,
     )  # fmt: skip
-    expected = evaluate_retrieval(scores=-pairwise_csd(mean_i, log_i, mean_t, log_t), text_to_image=t2i, protocol="coco", fold_size=5)
+    scores = -pairwise_csd(mean_i, log_i, mean_t, log_t)
+    expected = evaluate_retrieval(scores=scores, text_to_image=t2i, protocol="coco", fold_size=5)
     assert result == pytest.approx(expected)
     scorer = build_scorer("csd", image_embeds=mean_i, text_embeds=mean_t, image_log_sigma2=log_i, text_log_sigma2=log_t)
     torch.testing.assert_close(scorer.image_rows(slice(0, 4)), -pairwise_csd(mean_i[:4], log_i[:4], mean_t, log_t))
@@ -294,8 +360,9 @@ def test_sampled_scorer_uses_match_log_probability():
     samples_i = sample_gaussian(mean_i, log_i, 3, generator=torch.Generator().manual_seed(0))
     samples_t = sample_gaussian(mean_t, log_t, 3, generator=torch.Generator().manual_seed(1))
     result = evaluate_retrieval(
-        image_samples=samples_i, text_samples=samples_t, text_to_image=t2i, scorer="sampled", negative_scale=5.0, shift=5.0
-    )
+        image_samples=samples_i, text_samples=samples_t, text_to_image=t2i, scorer="sampled",
+        negative_scale=5.0, shift=5.0,
+    )  # fmt: skip
     log_p, _ = pairwise_sampled_match_log_prob(samples_i, samples_t, 5.0, 5.0)
     assert_same(result, brute_all(log_p, t2i))
     drawn = evaluate_retrieval(
@@ -332,7 +399,11 @@ def test_scorer_registry_names():
         ({"text_to_image": [0, 0, 0]}, "no caption"),
         ({"text_to_image": [0, 1, 1], "protocol": "coco", "fold_size": 3}, "fold_size"),
         ({"text_to_image": [0, 1, 1], "ks": ()}, "ks"),
-        ({"text_to_image": [0, 1, 1], "scorer": "nope", "image_embeds": torch.ones(2, 3), "text_embeds": torch.ones(3, 3)}, "valid choices"),
+        (
+            {"text_to_image": [0, 1, 1], "scorer": "nope", "image_embeds": torch.ones(2, 3),
+             "text_embeds": torch.ones(3, 3)},  # fmt: skip
+            "valid choices",
+        ),
         ({"text_to_image": [0, 1, 1], "positives": "classes"}, "image_classes"),
         ({"text_to_image": [0, 1, 1], "image_labels": torch.full((2, 4), 2.0)}, "multi-hot"),
     ],

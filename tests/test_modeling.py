@@ -219,3 +219,17 @@ def test_word_vectors_initialise_known_words(tmp_path):
     glove.write_text("red 0.1 0.2\n")
     with pytest.raises(ValueError, match="word_dim"):
         model.text_model.load_word_vectors(glove, vocab)
+
+
+def test_init_log_sigma2_sets_the_starting_variance_and_survives_reload(batch, tmp_path):
+    model = PCMEModel(tiny_pcme_config(init_log_sigma2=-5.0)).eval()
+    text = model.get_text_features(batch["input_ids"], batch["attention_mask"], num_samples=0)
+    # log_sigma2 = fc(local) + fc(global) + bias: small random weights around the -5 bias.
+    assert float((text.log_sigma2 + 5.0).abs().max()) < 1.0
+    with torch.no_grad():
+        model.image_head.uncertainty_branch.bias.fill_(-2.0)  # as if trained
+    model.save_pretrained(tmp_path)
+    reloaded = PCMEModel.from_pretrained(tmp_path)
+    assert reloaded.image_head.uncertainty_branch.bias.eq(-2.0).all()
+    with pytest.raises(ValueError, match="init_log_sigma2 only applies"):
+        tiny_pcme_config(head_type="deterministic", loss_type="vsepp", init_log_sigma2=-5.0)

@@ -37,13 +37,18 @@ def test_round_trip_gives_identical_outputs(saved):
     inputs = processor(images=tiny_images(3), text=list(TINY_CAPTIONS[:3]))
     reloaded = AutoModel.from_pretrained(folder).eval()
     assert isinstance(reloaded, PCMEModel)
+    expected_weights = model.state_dict()
+    assert reloaded.state_dict().keys() == expected_weights.keys()
+    for name, weight in reloaded.state_dict().items():
+        assert torch.equal(weight, expected_weights[name]), name
+    # Same weights, same inputs: the outputs agree up to float32 rounding (CPU matmul kernels may
+    # sum in another order when the loaded tensors sit at another memory alignment).
     for before, after in zip(_embed(model, inputs), _embed(reloaded, inputs)):
         if isinstance(before, torch.Tensor):
-            assert torch.equal(before, after)
+            torch.testing.assert_close(after, before, rtol=1e-6, atol=1e-7)
         else:
             for key in ("mean", "log_sigma2", "samples", "attention"):
-                assert torch.equal(before[key], after[key]), key
-    assert float(reloaded.negative_scale) == float(model.negative_scale)
+                torch.testing.assert_close(after[key], before[key], rtol=1e-6, atol=1e-7, msg=key)
 
 
 def test_folder_holds_safetensors_and_remote_code(saved):
@@ -89,7 +94,7 @@ def test_remote_code_loads_without_the_package_installed(saved):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(folder.parent / "modules"))
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert torch.equal(torch.load(folder.parent / "remote.pt"), expected)
+    torch.testing.assert_close(torch.load(folder.parent / "remote.pt"), expected, rtol=1e-6, atol=1e-7)
 
 
 def test_missing_weights_file_is_a_clear_error(tmp_path):

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # 8 images x 5 captions = 40 rows; global batch 8 -> 5 micro-batches per epoch, 2 accumulated
 # steps per epoch (the 5th micro-batch is dropped). Phase 1 (3 steps, vision tower frozen) and
-# phase 2 (5 steps) both cross epoch boundaries.
+# phase 2 (5 steps) both cross epoch boundaries; validation (4 images) at steps 3, 6 and 8.
 TINY = [
     "model.vision_config={model_type: resnet, embedding_size: 8, hidden_sizes: [8, 16], depths: [1, 1], "
     "layer_type: basic, downsample_in_first_stage: false}",
@@ -37,7 +37,8 @@ TINY = [
     "train.checkpoint_every=2",
     "train.keep_last=2",
     "train.log_every=1",
-    "eval.enabled=false",
+    "train.eval_every=3",  # validation must not disturb the training RNG
+    "eval.max_images=4",
 ]
 
 
@@ -111,9 +112,11 @@ def test_killed_twice_then_resumed_matches_uninterrupted(uninterrupted, cache_di
     final = train(_recipe(out, cache_dir), resume=True)
     assert final.global_step == 8 and not final.interrupted
     _assert_same_weights(_weights(final), expected)
-    # The JSON-lines log has each step once, despite the replayed steps.
-    steps = [json.loads(line)["step"] for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 9))
+    # The JSON-lines log holds each step once, although steps 3-5 ran twice.
+    records = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train/loss" in r] == list(range(1, 9))
+    assert [r["step"] for r in records if "eval/rsum" in r] == [3, 6, 8]
+    assert final.best_metric is not None and (out / "best" / "model.safetensors").exists()
 
 
 def test_resume_without_checkpoint_starts_from_scratch(uninterrupted, cache_dir, tmp_path):
@@ -183,5 +186,9 @@ def test_end_of_run_artifacts_and_push_to_hub(cache_dir, tmp_path, monkeypatch):
     assert front["library_name"] == "transformers" and "pcme" in front["tags"]
     assert 'from_pretrained("pcme-user/shapes-tiny")' in card
     assert "loss_type: pcme" in card and "## Limitations" in card and "## Intended use" in card
+    (results,) = front["model-index"][0]["results"]
+    assert {m["type"]: m["value"] for m in results["metrics"]} == pytest.approx(result.metrics, abs=1e-4)
+    assert json.loads(files["eval_results.json"])["metrics"] == result.metrics
+    assert "rsum" in result.metrics and "i2t_pmrp" in result.metrics
     # The saved recipe reloads to the recipe that was run.
     assert load_recipe(out / "recipe.yaml") == _recipe(out, cache_dir, "train.phase1_steps=1", "train.phase2_steps=1")

@@ -194,3 +194,116 @@ def test_model_card_carries_results_recipe_and_limits(tmp_path):
     assert "| R@1 | 68.80 | 54.60 |  |" in text and "| PMRP | 45.00 | 46.00 |  |" in text
     assert "vision_tower: microsoft/resnet-152" in text
     assert "## Intended use" in text and "not a calibrated probability" in text
+
+
+# ------------------------------------------------------------------------------- optimiser and phases
+def _tiny_model(**overrides):
+    from hf_pcme import PCMEModel
+    from hf_pcme.testing import tiny_pcme_config
+
+    return PCMEModel(tiny_pcme_config(**overrides))
+
+
+def test_warmup_cosine_schedule_follows_the_formula():
+    import math
+
+    import torch
+
+    from hf_pcme.training.optim import build_scheduler
+
+    lr, total, warmup, floor = 0.1, 10, 2, 0.2
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    scheduler = build_scheduler(optimizer, total, warmup, floor)
+    seen = []
+    for _ in range(total):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    expected = [
+        lr * t / warmup if t < warmup
+        else lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (t - warmup) / (total - warmup))))
+        for t in range(total)
+    ]
+    assert seen == pytest.approx(expected)
+
+
+def test_parameter_groups_skip_decay_for_biases_and_scalars_and_scale_tower_lr():
+    from hf_pcme.training.optim import parameter_groups
+
+    model = _tiny_model()
+    groups = parameter_groups(model, lr=1.0, weight_decay=0.5, tower_lr_multiplier=0.1)
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    names = dict(model.named_parameters())
+    assert by_param[id(names["negative_scale"])]["weight_decay"] == 0.0
+    assert by_param[id(names["image_head.mean_branch.global_proj.bias"])]["weight_decay"] == 0.0
+    head_weight = by_param[id(names["image_head.mean_branch.global_proj.weight"])]
+    assert (head_weight["lr"], head_weight["weight_decay"]) == (1.0, 0.5)
+    tower = [n for n in names if n.startswith("text_model.") and n.endswith("weight_ih_l0")][0]
+    assert by_param[id(names[tower])]["lr"] == pytest.approx(0.1)
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
+
+
+def test_phase_freezing_and_unfreezing():
+    from hf_pcme.training.optim import freeze_towers
+
+    # InfoNCE does not use a, b: the model keeps them fixed, and no phase may unfreeze them.
+    model = _tiny_model(head_type="deterministic", loss_type="infonce")
+    freeze_towers(model, ["vision", "word_embeddings"])
+    assert not any(p.requires_grad for p in model.vision_model.parameters())
+    assert not model.text_model.word_embeddings.weight.requires_grad
+    assert model.text_model.gru.weight_ih_l0.requires_grad
+    assert not model.vision_model.training  # frozen BatchNorm statistics
+    freeze_towers(model, [])
+    assert all(p.requires_grad for n, p in model.named_parameters() if n not in ("negative_scale", "shift"))
+    assert not model.negative_scale.requires_grad and not model.shift.requires_grad
+
+
+def test_optimizer_choice(monkeypatch):
+    import sys
+    import types
+
+    import torch
+
+    from hf_pcme.training import optim
+
+    model = _tiny_model()
+    monkeypatch.setattr(optim, "adamp_available", lambda: False)
+    assert type(optim.build_optimizer(model, 1e-3)) is torch.optim.AdamW
+    with pytest.raises(ValueError, match="adamp package is not installed"):
+        optim.build_optimizer(model, 1e-3, name="adamp")
+
+    class FakeAdamP(torch.optim.AdamW):
+        pass
+
+    monkeypatch.setitem(sys.modules, "adamp", types.SimpleNamespace(AdamP=FakeAdamP))
+    monkeypatch.setattr(optim, "adamp_available", lambda: True)
+    assert type(optim.build_optimizer(model, 1e-3)) is FakeAdamP  # "auto" prefers AdamP, as PCME
+    assert type(optim.build_optimizer(model, 1e-3, name="adamw")) is torch.optim.AdamW
+
+
+def test_phase_plan_from_epochs_steps_and_max_steps():
+    from hf_pcme.training.trainer import plan_phases
+
+    recipe = load_recipe(REPO / "configs" / "coco_pcme.yaml")
+    phases = plan_phases(recipe, steps_per_epoch=100)
+    assert [(p.steps, p.frozen, p.lr) for p in phases] == [
+        (3000, ["vision", "word_embeddings"], 2e-4),
+        (3000, [], pytest.approx(2e-5)),
+    ]
+    capped = load_recipe(REPO / "configs" / "coco_pcme.yaml", ["train.max_steps=3500", "train.phase1_steps=10"])
+    assert [p.steps for p in plan_phases(capped, steps_per_epoch=100)] == [10, 3000]
+    capped = load_recipe(REPO / "configs" / "coco_pcme.yaml", ["train.max_steps=50"])
+    assert [p.steps for p in plan_phases(capped, steps_per_epoch=100)] == [50, 0]
+
+
+def test_init_log_sigma2_sets_the_starting_variance():
+    from hf_pcme.testing import tiny_text_config, tiny_vision_config
+    from hf_pcme.training.builders import build_model
+
+    overrides = [f"model.vision_config={tiny_vision_config()}", f"model.text_config={tiny_text_config()}",
+                 "model.embed_dim=8", "model.init_log_sigma2=-5"]
+    model = build_model(load_recipe(None, overrides))
+    for head in (model.image_head, model.text_head):
+        assert head.uncertainty_branch.bias.eq(-5.0).all()
+    with pytest.raises(ValueError, match="probabilistic"):
+        build_model(load_recipe(None, overrides + ["model.head_type=deterministic", "model.loss_type=infonce"]))

@@ -63,6 +63,10 @@ class PCMEConfig(PreTrainedConfig):
         init_negative_scale: initial ``a`` of the match probability ``sigmoid(2(-a d + b))``
             (15 on COCO, 5 on CUB in PCME).
         init_shift: initial ``b`` (15 on COCO, 5 on CUB in PCME).
+        init_log_sigma2: initial log variance of the probabilistic heads (the bias of their
+            ``log_sigma2`` branch); ``None`` keeps PCME's zero bias (sigma^2 near 1). Towers
+            trained from scratch need small initial variances (e.g. -5): with sigma^2 near 1 the
+            sampling noise swamps the still-similar means and all embeddings collapse.
         match_function: how ``match_probability`` is computed: ``"sampled"`` (PCME, J x J
             sample pairs) or ``"csd"`` (PCME++, ``sigmoid(-a * CSD + b)``).
         initializer_range: std of the normal initialisation of the heads' linear layers.
@@ -82,6 +86,7 @@ class PCMEConfig(PreTrainedConfig):
     loss_kwargs: dict | None = None
     init_negative_scale: float = 15.0
     init_shift: float = 15.0
+    init_log_sigma2: float | None = None
     match_function: str = "sampled"
     initializer_range: float = 0.02
 
@@ -97,6 +102,11 @@ class PCMEConfig(PreTrainedConfig):
             # hf_pcme). Where the package is installed its registered pipeline serves the task, and
             # keeping the declaration would make transformers demand trust_remote_code=True.
             kwargs.pop("custom_pipelines", None)
+        if self.init_log_sigma2 is not None and self.head_type != "probabilistic":
+            raise ValueError(
+                f"init_log_sigma2 only applies to head_type 'probabilistic' (a {self.head_type!r} head has no "
+                "variance); remove it or change head_type."
+            )
         for name in ("embed_dim", "num_embeds", "num_samples"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")

@@ -62,17 +62,22 @@ class PIEMeanBranch(nn.Module):
 
 
 class UncertaintyBranch(nn.Module):
-    """PCME's log-variance branch: ``log_sigma2 = fc(attention-pooled local) + fc(global)``."""
+    """PCME's log-variance branch: ``log_sigma2 = fc(attention-pooled local) + fc(global) + bias``.
+
+    The two projections share one explicit ``bias`` (the original has one per projection; only
+    their sum matters). It is the initial log variance: ``PCMEConfig.init_log_sigma2``.
+    """
 
     def __init__(self, local_dim: int, global_dim: int, embed_dim: int, hidden_dim: int):
         super().__init__()
         self.attention = AttentionPooling(local_dim, hidden_dim, 1)
-        self.local_proj = nn.Linear(local_dim, embed_dim)
-        self.global_proj = nn.Linear(global_dim, embed_dim)
+        self.local_proj = nn.Linear(local_dim, embed_dim, bias=False)
+        self.global_proj = nn.Linear(global_dim, embed_dim, bias=False)
+        self.bias = nn.Parameter(torch.zeros(embed_dim))
 
     def forward(self, local: torch.Tensor, global_feature: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         _, pooled = self.attention(local, mask)
-        return self.local_proj(pooled.squeeze(1)) + self.global_proj(global_feature)
+        return self.local_proj(pooled.squeeze(1)) + self.global_proj(global_feature) + self.bias
 
 
 class _PIEHead(nn.Module):

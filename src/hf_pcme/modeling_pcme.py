@@ -26,7 +26,7 @@ from .distances import (
     pairwise_sampled_match_log_prob,
     sample_gaussian,
 )
-from .heads import HEADS
+from .heads import HEADS, UncertaintyBranch
 from .losses import build_loss
 from .outputs import ProbabilisticEmbedding
 from .text_encoders import PCMEBiGRUModel
@@ -167,6 +167,8 @@ class PCMEPreTrainedModel(PreTrainedModel):
         if isinstance(module, PCMEModel):
             init.constant_(module.negative_scale, self.config.init_negative_scale)
             init.constant_(module.shift, self.config.init_shift)
+        elif isinstance(module, UncertaintyBranch):
+            init.constant_(module.bias, self.config.init_log_sigma2 or 0.0)
         elif module is getattr(self, "criterion", None) and hasattr(module, "reset_parameters"):
             module.reset_parameters()
 
@@ -233,7 +235,7 @@ class PCMEModel(PCMEPreTrainedModel):
         """
         towers = []
         for name, kwargs in ((vision_model_name_or_path, vision_kwargs), (text_model_name_or_path, text_kwargs)):
-            tower = _load_pretrained_tower(name, **(kwargs or {}))
+            tower = load_pretrained_tower(name, **(kwargs or {}))
             towers.append(tower)
         vision_model, text_model = towers
         config = PCMEConfig(vision_config=vision_model.config, text_config=text_model.config, **config_kwargs)
@@ -380,7 +382,8 @@ class PCMEModel(PCMEPreTrainedModel):
         )
 
 
-def _load_pretrained_tower(name_or_path: str | os.PathLike, **kwargs: Any) -> PreTrainedModel:
+def load_pretrained_tower(name_or_path: str | os.PathLike, **kwargs: Any) -> PreTrainedModel:
+    """Load one pretrained tower (hub id or local folder): built-in towers directly, others via ``AutoModel``."""
     config_path = os.path.join(str(name_or_path), "config.json")
     if os.path.isfile(config_path):
         import json
@@ -413,4 +416,4 @@ def _max_cosine(mean_x: torch.Tensor, mean_y: torch.Tensor) -> torch.Tensor:
     return (x.reshape(n * k_x, d) @ y.reshape(m * k_y, d).t()).view(n, k_x, m, k_y).amax(dim=(1, 3))
 
 
-__all__ = ["PCMEModel", "PCMEPreTrainedModel", "PCMEOutput", "build_tower", "tower_local_and_global"]
+__all__ = ["PCMEModel", "PCMEPreTrainedModel", "PCMEOutput", "build_tower", "load_pretrained_tower", "tower_local_and_global"]

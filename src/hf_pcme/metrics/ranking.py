@@ -17,8 +17,9 @@ Each score is touched by about ten vectorised passes and the exact work is done 
 scores. A second *view* restricted to a column range (a 1K fold) shares all the passes: its
 columns form a separate column group of the histogram.
 
-The passes run on one CPU thread: they are memory bound, and on a shared machine a two-thread
-element-wise op waits for the busier core (measured 15-50x slower than one thread).
+Threads: ``evaluate_retrieval`` runs the blocks on worker threads, torch limited to one CPU
+thread (:func:`single_cpu_thread`): the passes are memory bound, and on a shared machine a
+two-thread element-wise op waits for the busier core (measured 15-50x slower than one thread).
 
 Ties (documented rule, used by every metric): among items with *equal* scores, the items that
 are not relevant for the metric at hand are ranked first ("pessimistic"). A relevant item's rank
@@ -60,20 +61,23 @@ class PlausibilityLevels:
 
     ``level = min(Hamming distance, max_zeta + 1)`` for an item with labels (``0`` = exactly the
     query's labels) and ``max_zeta + 2`` for an item without labels, which PMRP leaves out of the
-    ranking. Item ``j`` of the block has the level ``levels[row, j // group_size]``, so the ``c``
-    captions of an image share one entry.
+    ranking. Item ``j`` of the block has the level ``levels[row_index[row], j // group_size]``, so
+    the ``c`` captions of an image share one entry.
 
     Args:
         levels: ``(r, n // group_size)`` integer tensor.
         group_size: items per entry of ``levels``.
         max_zeta: the largest Hamming threshold asked for.
         query_has_labels: ``(r,)`` bool; queries without labels are not scored.
+        row_index: ``(r,)`` row of ``levels`` of each query row, or ``None`` (one row each); lets
+            the captions of one image share a row of the table.
     """
 
     levels: torch.Tensor
     group_size: int
     max_zeta: int
     query_has_labels: torch.Tensor
+    row_index: torch.Tensor | None = None
 
 
 @dataclass
@@ -98,8 +102,11 @@ class BlockRanks:
 
 
 def num_buckets(num_items: int) -> int:
-    """Buckets per row: about 32 items per bucket, a power of two in ``[16, 1024]``."""
-    return int(2 ** min(10, max(4, round(math.log2(max(num_items, 1) / 32)))))
+    """Buckets per row: about 20 items per bucket, a power of two in ``[16, 1024]``.
+
+    Fewer buckets make the histogram cheaper to accumulate; more make the extracted buckets smaller.
+    """
+    return int(2 ** min(10, max(4, round(math.log2(max(num_items, 1) / 20)))))
 
 
 @contextlib.contextmanager
@@ -184,7 +191,8 @@ def _bucket_of_rank(cumulative: torch.Tensor, total: torch.Tensor, rank: torch.T
 
     ``cumulative[q, b]`` = items in buckets <= b; #items in buckets >= b is ``total - cumulative[b - 1]``.
     """
-    return torch.searchsorted(cumulative[:, :-1].contiguous(), (total - rank).unsqueeze(1), right=True).squeeze(1)
+    values = (total - rank).to(cumulative.dtype).unsqueeze(1)
+    return torch.searchsorted(cumulative[:, :-1].contiguous(), values, right=True).squeeze(1)
 
 
 def rank_block(
@@ -226,11 +234,10 @@ def rank_block(
     """
     if scores.dim() != 2:
         raise ValueError(f"scores must be 2-D (queries, items), got shape {tuple(scores.shape)}.")
-    with single_cpu_thread(scores.device):
-        return _rank_block(
-            scores, tuple(int(k) for k in ks), relevance, plausibility, tuple(zetas),
-            fold_columns, fold_relevance, workspace or Workspace(),
-        )  # fmt: skip
+    return _rank_block(
+        scores, tuple(int(k) for k in ks), relevance, plausibility, tuple(zetas),
+        fold_columns, fold_relevance, workspace or Workspace(),
+    )  # fmt: skip
 
 
 def _rank_block(scores, ks, relevance, plausibility, zetas, fold_columns, fold_relevance, workspace):
@@ -267,57 +274,65 @@ def _rank_block(scores, ks, relevance, plausibility, zetas, fold_columns, fold_r
     offsets = torch.arange(r, device=device, dtype=torch.int32).unsqueeze(1) * row_stride
     if plausibility is None:
         key.add_(offsets)
+        if fold_columns is not None:
+            key[:, fold_columns[0] : fold_columns[1]] += buckets
     else:
         group = plausibility.group_size
-        bias = plausibility.levels.to(torch.int32) * buckets + offsets
+        levels = plausibility.levels if plausibility.row_index is None else plausibility.levels[plausibility.row_index]
+        bias = levels.to(torch.int32) * buckets + offsets
         if fold_columns is not None:
             bias[:, fold_columns[0] // group : fold_columns[1] // group] += num_levels * buckets
-        if group > 1:
-            bias = bias.repeat_interleave(group, dim=1)
-        key.add_(bias)
-    if plausibility is None and fold_columns is not None:
-        key[:, fold_columns[0] : fold_columns[1]] += buckets
+        # the captions of one image share a level: a broadcast add, no gather over the block
+        key.view(r, n // group, group).add_(bias.unsqueeze(2))
     ones = workspace.ones(r * n, torch.int32, device)
     histogram = workspace.get("histogram", r * row_stride, torch.int32, device).zero_()
     histogram.index_add_(0, key.view(-1), ones)
-    histogram = histogram.view(r, num_groups, num_levels, buckets).long()
+    histogram = histogram.view(r, num_groups, num_levels, buckets)
 
-    views = [(None, relevance, histogram.sum(1))]
+    # cumulative[q, g, l, b] = items of column group g in buckets <= b with level <= l (int32)
+    for level in range(1, num_levels):  # prefix over the few levels: in-place adds, no strided cumsum
+        histogram[:, :, level] += histogram[:, :, level - 1]
+    cumulative = histogram.cumsum(3, dtype=torch.int32)
+    view_cumulatives = [cumulative[:, 0] + cumulative[:, 1] if num_groups > 1 else cumulative[:, 0]]
+    view_relevances = [relevance]
     if fold_columns is not None:
-        views.append((1, fold_relevance, histogram[:, 1]))
+        view_cumulatives.append(cumulative[:, 1])
+        view_relevances.append(fold_relevance)
     extract = torch.zeros((r, num_groups, num_levels, buckets), dtype=torch.bool, device=device)
-    bucket_ids = torch.arange(buckets, device=device)
+    bucket_ids = torch.arange(buckets, device=device, dtype=torch.int32)
     max_k = max(ks)
-    plans = []
-    for group_id, view_relevance, view_histogram in views:
-        groups = slice(None) if group_id is None else slice(group_id, group_id + 1)
-        # cumulative[q, l, b] = items of the view in buckets <= b with level <= l
-        cumulative = view_histogram.cumsum(1).cumsum(2)
-        totals = cumulative[:, :, -1]
-        view_items = int(totals[0, -1])
+    top_buckets, pmrp_plans = [], []
+    if plausibility is not None:
+        has_labels = plausibility.query_has_labels.to(device)
+        zeta_index = torch.tensor(zetas, device=device)
+    for view_index, (view_cumulative, view_relevance) in enumerate(zip(view_cumulatives, view_relevances)):
+        groups = slice(None) if view_index == 0 else slice(1, 2)
+        totals = view_cumulative[:, :, -1].long()
         needed = torch.full((r,), max_k, dtype=torch.int64, device=device)
         for view in view_relevance.values():
             needed = torch.maximum(needed, view.counts.to(device))
-        needed = needed.clamp(min=1, max=max(view_items, 1))
-        top_bucket = _bucket_of_rank(cumulative[:, -1], totals[:, -1], needed)
+        needed = needed.clamp(min=1, max=max(int(totals[0, -1]), 1))
+        top_bucket = _bucket_of_rank(view_cumulative[:, -1], totals[:, -1], needed)
         extract[:, groups] |= (bucket_ids >= top_bucket.unsqueeze(1)).view(r, 1, 1, buckets)
-        targets = []
+        top_buckets.append(top_bucket)
         if plausibility is not None:
-            has_labels = plausibility.query_has_labels.to(device)
-            cum_considered = cumulative[:, considered]
+            cum_considered = view_cumulative[:, considered]
             total_considered = totals[:, considered]
-            for zeta in zetas:
-                plausible_count = totals[:, zeta]
-                valid = has_labels & (plausible_count > 0)
-                target = _bucket_of_rank(cum_considered, total_considered, plausible_count.clamp_min(1))
-                target = torch.where(valid, target, torch.zeros_like(target)).view(r, 1)
-                above = total_considered - cum_considered.gather(1, target).squeeze(1)
-                plausible_above = plausible_count - cumulative[:, zeta].gather(1, target).squeeze(1)
-                target = target.squeeze(1)
-                hit = (bucket_ids == target.unsqueeze(1)) & valid.unsqueeze(1)
-                extract[:, groups, : considered + 1] |= hit.view(r, 1, 1, buckets)
-                targets.append((zeta, valid, target, plausible_count, above, plausible_above))
-        plans.append((group_id, view_relevance, top_bucket, targets))
+            plausible_count = totals[:, zeta_index]  # (r, Z)
+            valid = has_labels.unsqueeze(1) & (plausible_count > 0)
+            target = torch.stack([
+                _bucket_of_rank(cum_considered, total_considered, plausible_count[:, z].clamp_min(1))
+                for z in range(len(zetas))
+            ], dim=1)  # fmt: skip
+            target = torch.where(valid, target, torch.zeros_like(target))  # (r, Z)
+            above = total_considered.unsqueeze(1) - cum_considered.gather(1, target).long()
+            plausible_cum = view_cumulative.gather(1, zeta_index.view(1, -1, 1).expand(r, -1, buckets))  # (r, Z, B)
+            plausible_above = plausible_count - plausible_cum.gather(2, target.unsqueeze(2)).squeeze(2).long()
+            # mark the target buckets (invalid rows write to a spare column that is dropped)
+            marks = torch.zeros((r, buckets + 1), dtype=torch.bool, device=device)
+            marks.scatter_(1, torch.where(valid, target, buckets), True)
+            extract[:, groups, : considered + 1] |= marks[:, :buckets].view(r, 1, 1, buckets)
+            pmrp_plans.append((valid.t(), target.t(), plausible_count.t(), above.t(), plausible_above.t()))
 
     hit = workspace.get("hit", r * n, torch.bool, device)
     torch.index_select(extract.view(-1), 0, key.view(-1), out=hit)
@@ -328,65 +343,106 @@ def _rank_block(scores, ks, relevance, plausibility, zetas, fold_columns, fold_r
     within_row = hit_key - hit_rows * row_stride
     hit_bucket = within_row % buckets
     hit_level = torch.div(within_row, buckets, rounding_mode="floor") % num_levels
-    hit_group = torch.div(within_row, num_levels * buckets, rounding_mode="floor")
-    hit_values = scores[hit_rows, hit_cols]
+    in_fold = within_row >= num_levels * buckets
+    hit_values = scores.reshape(-1)[flat] if scores.is_contiguous() else scores[hit_rows, hit_cols]
 
-    results = []
-    for group_id, view_relevance, top_bucket, targets in plans:
-        in_view = torch.ones_like(hit_rows, dtype=torch.bool) if group_id is None else hit_group == group_id
-        results.append(_view_results(
-            r, n, ks, view_relevance, top_bucket, targets, considered,
-            in_view, hit_rows, hit_cols, hit_values, hit_bucket, hit_level,
-        ))  # fmt: skip
+    views = len(view_relevances)
+    results = [BlockRanks() for _ in range(views)]
+    in_views = [None, in_fold]
+    _top_results(results, r, n, ks, view_relevances, top_buckets, in_views, hit_rows, hit_cols, hit_values, hit_bucket)
+    if plausibility is not None:
+        _pmrp_results(results, r, zetas, considered, pmrp_plans, in_views, hit_rows, hit_values, hit_bucket, hit_level)
     return results[0], (results[1] if fold_columns is not None else None)
 
 
-def _view_results(r, n, ks, relevance, top_bucket, targets, considered,
-                  in_view, hit_rows, hit_cols, hit_values, hit_bucket, hit_level) -> BlockRanks:  # fmt: skip
+def _gather_segments(
+    masks: list[torch.Tensor], num_rows: int, hit_rows: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the hits selected by each mask and their segment ``mask_index * num_rows + row``."""
+    indices, segments = [], []
+    for index, mask in enumerate(masks):
+        selected = mask.nonzero().squeeze(1)
+        indices.append(selected)
+        segments.append(hit_rows[selected] + index * num_rows)
+    return torch.cat(indices), torch.cat(segments)
+
+
+def _top_results(results, r, n, ks, view_relevances, top_buckets, in_views,
+                 hit_rows, hit_cols, hit_values, hit_bucket) -> None:  # fmt: skip
+    """Recall@K, R-Precision and MAP@R of every view and relevance notion, in one segmented pass each."""
     device = hit_rows.device
-    result = BlockRanks()
-    in_top = in_view & (hit_bucket >= top_bucket[hit_rows])
-    top_rows, top_cols, top_values = hit_rows[in_top], hit_cols[in_top], hit_values[in_top]
+    views = len(view_relevances)
+    masks = []
+    for view_index in range(views):
+        mask = hit_bucket >= top_buckets[view_index][hit_rows]
+        masks.append(mask if in_views[view_index] is None else mask & in_views[view_index])
+    selected, segments = _gather_segments(masks, r, hit_rows)
+    rows, cols, values = hit_rows[selected], hit_cols[selected], hit_values[selected]
     ks_tensor = torch.tensor(ks, device=device, dtype=torch.int64)
-    for name, view in relevance.items():
-        counts = view.counts.to(device)
-        relevant = view.is_relevant(top_rows, top_cols).to(torch.bool)
-        order = _segment_order(top_rows, top_values, relevant)
-        rows_sorted, relevant_sorted = top_rows[order], relevant[order]
-        positions, starts = _positions_in_rows(rows_sorted, r)
-        first = torch.full((r,), n + 1, dtype=torch.int64, device=device)
-        first.scatter_reduce_(0, rows_sorted[relevant_sorted], positions[relevant_sorted], reduce="amin")
-        result.recall_hits[name] = first.unsqueeze(1) <= ks_tensor.unsqueeze(0)
+    for name in view_relevances[0]:
+        counts = torch.cat([view_relevances[v][name].counts.to(device) for v in range(views)])
+        relevant = view_relevances[0][name].is_relevant(rows, cols).to(torch.bool)
+        order = _segment_order(segments, values, relevant)
+        segments_sorted, relevant_sorted = segments[order], relevant[order]
+        positions, starts = _positions_in_rows(segments_sorted, views * r)
+        first = torch.full((views * r,), n + 1, dtype=torch.int64, device=device)
+        first.scatter_reduce_(0, segments_sorted[relevant_sorted], positions[relevant_sorted], reduce="amin")
         relevant_count = torch.cumsum(relevant_sorted.long(), 0)
-        before_row = torch.where(starts > 0, relevant_count[(starts - 1).clamp_min(0)], torch.zeros_like(starts))
-        relevant_so_far = relevant_count - before_row[rows_sorted]
-        counted = relevant_sorted & (positions <= counts[rows_sorted])
+        before = torch.where(starts > 0, relevant_count[(starts - 1).clamp_min(0)], torch.zeros_like(starts))
+        relevant_so_far = relevant_count - before[segments_sorted]
+        counted = relevant_sorted & (positions <= counts[segments_sorted])
         denominator = counts.clamp_min(1).double()
-        result.r_precision[name] = _row_sum(rows_sorted, counted, r) / denominator
+        r_precision = _row_sum(segments_sorted, counted, views * r) / denominator
         precision = relevant_so_far.double() / positions.double()
-        result.ap_at_r[name] = _row_sum(rows_sorted, precision * counted, r) / denominator
-        result.valid[name] = counts > 0
-    if targets:
-        result.pmrp = torch.zeros((r, len(targets)), dtype=torch.float64, device=device)
-        result.pmrp_valid = torch.zeros((r, len(targets)), dtype=torch.bool, device=device)
-        for column, (zeta, valid, target, plausible_count, above, plausible_above) in enumerate(targets):
-            select = in_view & valid[hit_rows] & (hit_bucket == target[hit_rows]) & (hit_level <= considered)
-            rows, values, level = hit_rows[select], hit_values[select], hit_level[select]
-            order = _segment_order(rows, values)
-            rows_sorted, values_sorted = rows[order], values[order]
-            positions, _ = _positions_in_rows(rows_sorted, r)
-            # threshold t = the (R - above)-th best labelled item of the target bucket
-            at_threshold = positions == (plausible_count - above)[rows_sorted]
-            threshold = torch.zeros(r, dtype=values.dtype, device=device)
-            threshold[rows_sorted[at_threshold]] = values_sorted[at_threshold]
-            row_threshold = threshold[rows]
-            higher = values > row_threshold
-            more_above = _row_sum(rows, higher, r)
-            plausible_higher = _row_sum(rows, higher & (level <= zeta), r)
-            tied_implausible = _row_sum(rows, (values == row_threshold) & (level > zeta), r)
-            # Top R = all items above t, then the tied items at t with the implausible ones first.
-            free_slots = (plausible_count - above).double() - more_above - tied_implausible
-            matched = plausible_above.double() + plausible_higher + free_slots.clamp_min(0) * 0
-            result.pmrp[:, column] = torch.where(valid, matched / plausible_count.clamp_min(1).double(), 0.0)
-            result.pmrp_valid[:, column] = valid
-    return result
+        ap_at_r = _row_sum(segments_sorted, precision * counted, views * r) / denominator
+        hits = first.unsqueeze(1) <= ks_tensor.unsqueeze(0)
+        for v in range(views):
+            rows_of_view = slice(v * r, (v + 1) * r)
+            results[v].recall_hits[name] = hits[rows_of_view]
+            results[v].r_precision[name] = r_precision[rows_of_view]
+            results[v].ap_at_r[name] = ap_at_r[rows_of_view]
+            results[v].valid[name] = counts[rows_of_view] > 0
+
+
+def _pmrp_results(results, r, zetas, considered, pmrp_plans, in_views,
+                  hit_rows, hit_values, hit_bucket, hit_level) -> None:  # fmt: skip
+    """PMRP of every view and zeta in one segmented pass (segment = view, zeta, row)."""
+    device = hit_rows.device
+    num_zetas = len(zetas)
+    labelled = hit_level <= considered
+    masks, zeta_of_mask = [], []
+    for view_index, (valid, target, _, _, _) in enumerate(pmrp_plans):
+        for z in range(num_zetas):
+            mask = labelled & valid[z][hit_rows] & (hit_bucket == target[z][hit_rows])
+            masks.append(mask if in_views[view_index] is None else mask & in_views[view_index])
+            zeta_of_mask.append(zetas[z])
+    selected, segments = _gather_segments(masks, r, hit_rows)
+    values, level = hit_values[selected], hit_level[selected]
+    zeta = torch.tensor(zeta_of_mask, device=device)[torch.div(segments, r, rounding_mode="floor")]
+    plausible_count = torch.cat([plan[2] for plan in pmrp_plans]).reshape(-1)  # per segment
+    above = torch.cat([plan[3] for plan in pmrp_plans]).reshape(-1)
+    plausible_above = torch.cat([plan[4] for plan in pmrp_plans]).reshape(-1)
+    valid = torch.cat([plan[0] for plan in pmrp_plans]).reshape(-1)
+    num_segments = len(masks) * r
+    order = _segment_order(segments, values)
+    segments_sorted, values_sorted = segments[order], values[order]
+    positions, _ = _positions_in_rows(segments_sorted, num_segments)
+    # threshold t = the (R - above)-th best labelled item of the target bucket
+    at_threshold = positions == (plausible_count - above)[segments_sorted]
+    threshold = torch.zeros(num_segments, dtype=values.dtype, device=device)
+    threshold[segments_sorted[at_threshold]] = values_sorted[at_threshold]
+    segment_threshold = threshold[segments]
+    higher = values > segment_threshold
+    more_above = _row_sum(segments, higher, num_segments)
+    plausible_higher = _row_sum(segments, higher & (level <= zeta), num_segments)
+    tied_implausible = _row_sum(segments, (values == segment_threshold) & (level > zeta), num_segments)
+    # Top R = all items above t, then the tied items at t with the implausible ones first.
+    free_slots = (plausible_count - above).double() - more_above - tied_implausible
+    matched = plausible_above.double() + plausible_higher + free_slots.clamp_min(0)
+    pmrp = torch.where(valid, matched / plausible_count.clamp_min(1).double(), 0.0)
+    for view_index in range(len(pmrp_plans)):
+        part = slice(view_index * num_zetas * r, (view_index + 1) * num_zetas * r)
+        results[view_index].pmrp = pmrp[part].view(num_zetas, r).t()
+        results[view_index].pmrp_valid = valid[part].view(num_zetas, r).t()
+
+

@@ -30,14 +30,17 @@ relevant item):
   first ("pessimistic"), for every metric; deterministic and independent of the item order.
 - ``protocol="coco"``: also the 1K protocol, keys prefixed ``1k/``: the images in folds of
   ``fold_size`` (fold f = images ``[f * fold_size, (f + 1) * fold_size)`` and their captions),
-  every metric computed inside each fold and averaged over the folds (PMRP included, as published).
+  every metric computed inside each fold and averaged over the folds (PMRP included, as published;
+  a fold where no query has a relevant item is left out of that metric's average).
   The unprefixed keys are always the whole set (5K for COCO); no ``5k/`` aliases are added.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -45,10 +48,12 @@ import torch
 from .ranking import PlausibilityLevels, RelevanceView, Workspace, rank_block, single_cpu_thread
 from .scorers import MatrixScores, ScoreSource, as_tensor, build_scorer
 
-#: Scores per block produced by the scorer (64 MiB of float32): large enough for a fast matrix product.
-BLOCK_ELEMENTS = 1 << 24
+#: Scores per block produced by the scorer (128 MiB of float32): large enough for a fast matrix product.
+BLOCK_ELEMENTS = 1 << 25
 #: Scores per block given to the ranking passes (8 MiB of float32): stays in the CPU cache.
 SUB_BLOCK_ELEMENTS = 1 << 21
+#: Up to this many images, the PMRP levels of every image pair are computed once (int8, 64 MiB at most).
+LEVEL_TABLE_IMAGES = 8192
 DIRECTIONS = ("i2t", "t2i")
 PROTOCOLS = (None, "coco")
 
@@ -187,8 +192,8 @@ def _positives_from_lists(
     if isinstance(value, Mapping):
         if query_ids is None or item_ids is None:
             raise ValueError(
-                f"{name} is a mapping of ids; pass image_ids and text_ids (one id per image / caption) to resolve them, "
-                "or give a list with one sequence of item indices per query."
+                f"{name} is a mapping of ids; pass image_ids and text_ids (one id per image / caption) to "
+                "resolve them, or give a list with one sequence of item indices per query."
             )
         query_index = {key: i for i, key in enumerate(query_ids)}
         item_index = {key: i for i, key in enumerate(item_ids)}
@@ -235,21 +240,27 @@ def _build_positives(
                 result[direction] = "pairs"
                 continue
             if direction == "i2t":
-                lists = _positives_from_lists(positives[direction], num_images, num_texts, image_ids, text_ids, "positives['i2t']")
+                lists = _positives_from_lists(
+                    positives[direction], num_images, num_texts, image_ids, text_ids, "positives['i2t']"
+                )
                 queries = torch.cat([torch.full((len(items),), q, dtype=torch.long) for q, items in enumerate(lists)])
                 items = rank_of_text[torch.cat(lists)] if lists else torch.empty(0, dtype=torch.long)
                 result[direction] = _Positives(queries * num_texts + items, num_texts)
             else:
-                lists = _positives_from_lists(positives[direction], num_texts, num_images, text_ids, image_ids, "positives['t2i']")
-                queries = torch.cat([torch.full((len(items),), int(rank_of_text[q]), dtype=torch.long) for q, items in enumerate(lists)])
+                lists = _positives_from_lists(
+                    positives[direction], num_texts, num_images, text_ids, image_ids, "positives['t2i']"
+                )
+                queries = torch.cat(
+                    [torch.full((len(items),), int(rank_of_text[q]), dtype=torch.long) for q, items in enumerate(lists)]
+                )
                 items = torch.cat(lists) if lists else torch.empty(0, dtype=torch.long)
                 result[direction] = _Positives(queries * num_images + items, num_images)
         return result
     matrix = as_tensor(positives, "positives")
     if matrix.shape != (num_images, num_texts):
         raise ValueError(
-            f"positives as a matrix must be (num_images, num_texts) = ({num_images}, {num_texts}), got {tuple(matrix.shape)}; "
-            "or pass a dict {'i2t': [...], 't2i': [...]} of per-query index lists."
+            f"positives as a matrix must be (num_images, num_texts) = ({num_images}, {num_texts}), "
+            f"got {tuple(matrix.shape)}; or pass a dict {'i2t': [...], 't2i': [...]} of per-query index lists."
         )
     image_index, text_index = matrix.bool().nonzero(as_tuple=True)
     text_index = rank_of_text[text_index]
@@ -276,6 +287,16 @@ class _Plausibility:
             self.zetas = (0,)
             self.labelled = classes >= 0 if classes is not None else None
         self.max_zeta = max(self.zetas)
+        self._table: torch.Tensor | None = None
+
+    def _image_table(self) -> torch.Tensor | None:
+        """Levels of every image pair, int8 ``(N, N)``, computed once and shared by both directions
+        (only up to ``LEVEL_TABLE_IMAGES`` images; beyond, the levels are computed per block)."""
+        if self._table is None and self.layout.num_images <= LEVEL_TABLE_IMAGES:
+            images = torch.arange(self.layout.num_images, device=self.labelled.device)
+            self._table = torch.cat([self._image_levels(images[rows], 0, images.numel()).to(torch.int8)
+                                     for rows in torch.arange(images.numel()).split(1024)])  # fmt: skip
+        return self._table
 
     def _image_levels(self, query_images: torch.Tensor, first: int, end: int) -> torch.Tensor:
         """Levels of the images ``[first, end)`` for each query image, ``(q, end - first)``."""
@@ -314,24 +335,33 @@ class _Plausibility:
             else:
                 plausible = self._relation_block(item_index, queries).t()
             levels = (~plausible).to(torch.int32)
-            return PlausibilityLevels(levels, 1, 0, torch.ones(queries.numel(), dtype=torch.bool, device=queries.device))
+            everyone = torch.ones(queries.numel(), dtype=torch.bool, device=queries.device)
+            return PlausibilityLevels(levels, 1, 0, everyone)
+        table = self._image_table()
         if direction == "i2t":
             images = layout.text_image[first:end]
             image_first, image_end = int(images[0]), int(images[-1]) + 1
+            labelled = self.labelled[queries]
+            whole = (image_first, image_end) == (0, layout.num_images)
+            if layout.group_size is not None and table is not None and whole:
+                return PlausibilityLevels(table, layout.group_size, self.max_zeta, labelled, row_index=queries)
             levels = self._image_levels(queries, image_first, image_end)
             if layout.group_size is not None:
-                return PlausibilityLevels(levels, layout.group_size, self.max_zeta, self.labelled[queries])
-            return PlausibilityLevels(levels.index_select(1, images - image_first), 1, self.max_zeta, self.labelled[queries])
+                return PlausibilityLevels(levels, layout.group_size, self.max_zeta, labelled)
+            return PlausibilityLevels(levels.index_select(1, images - image_first), 1, self.max_zeta, labelled)
         query_images = layout.text_image[queries]
+        if table is not None and (first, end) == (0, layout.num_images):
+            return PlausibilityLevels(table, 1, self.max_zeta, self.labelled[query_images], row_index=query_images)
         unique, inverse = torch.unique(query_images, return_inverse=True)
-        levels = self._image_levels(unique, first, end).index_select(0, inverse)
-        return PlausibilityLevels(levels, 1, self.max_zeta, self.labelled[query_images])
+        levels = self._image_levels(unique, first, end)
+        return PlausibilityLevels(levels, 1, self.max_zeta, self.labelled[query_images], row_index=inverse)
 
 
 def _build_plausibility(
     layout: _Layout, zetas, image_labels, image_classes, plausibility, device: torch.device
 ) -> _Plausibility | None:
-    given = [name for name, value in (("image_labels", image_labels), ("plausibility", plausibility)) if value is not None]
+    sources = (("image_labels", image_labels), ("plausibility", plausibility))
+    given = [name for name, value in sources if value is not None]
     if len(given) > 1:
         raise ValueError(f"Give at most one source of plausible matches for PMRP, got {given}.")
     num_images, num_texts = layout.num_images, layout.num_texts
@@ -367,7 +397,7 @@ class _Relevance:
     def __init__(self, layout: _Layout, image_classes: torch.Tensor | None) -> None:
         self.layout = layout
         self.image_classes = image_classes
-        self._class_counts: dict[tuple[str, int, int], torch.Tensor] = {}
+        self._class_counts: dict[tuple, torch.Tensor] = {}  # class histograms / classes per view
 
     def _item_classes(self, direction: str, first: int, end: int) -> torch.Tensor:
         if direction == "i2t":
@@ -399,7 +429,11 @@ class _Relevance:
             class_counts = self._class_counts[key]
             query_classes = self._query_classes(direction, queries)
             counts = torch.where(query_classes >= 0, class_counts[query_classes.clamp_min(0)], 0)
-            all_classes = self._item_classes(direction, 0, layout.num_texts if direction == "i2t" else layout.num_images)
+            key = (direction, "all")
+            if key not in self._class_counts:
+                num_items = layout.num_texts if direction == "i2t" else layout.num_images
+                self._class_counts[key] = self._item_classes(direction, 0, num_items)
+            all_classes = self._class_counts[key]
             return RelevanceView(
                 counts, lambda rows, cols: (all_classes[cols] == query_classes[rows]) & (query_classes[rows] >= 0)
             )
@@ -457,6 +491,7 @@ def evaluate_retrieval(
     negative_scale: Any = None,
     shift: Any = None,
     seed: int = 0,
+    num_workers: int | None = None,
 ) -> dict[str, float]:
     """All retrieval metrics of a test set, both directions, in percent (see the module docstring).
 
@@ -480,8 +515,10 @@ def evaluate_retrieval(
         protocol: ``None`` or ``"coco"`` (adds the ``1k/`` keys).
         fold_size: images per fold of the 1K protocol (1000 for COCO).
         zetas: Hamming thresholds of PMRP.  ks: the K of Recall@K.
-        chunk_size: query rows per score block (default: ~16M scores per block).
+        chunk_size: query rows per score block (default: ~32M scores, 128 MiB, per block).
         num_samples, negative_scale, shift, seed: for ``scorer="sampled"``.
+        num_workers: threads running the ranking passes, each on one CPU thread (default: 2 on
+            CPU, or 1 when torch uses a single thread; 1 on GPU).
 
     Returns:
         A flat dict of floats in percent: ``i2t_R@1``, ..., ``rsum``, ``i2t_r_precision``,
@@ -530,40 +567,58 @@ def evaluate_retrieval(
     prefixes = [""] + (["1k/"] if protocol == "coco" else [])
     relevance = _Relevance(layout, classes)
     means = _Means()
-    workspace = Workspace()
-    for direction in DIRECTIONS:
-        num_items = num_texts if direction == "i2t" else num_images
-        block_rows = int(chunk_size) if chunk_size else max(1, BLOCK_ELEMENTS // num_items)
-        sub_rows = max(1, SUB_BLOCK_ELEMENTS // num_items)
-        everything = (0, num_items)
-        for fold, (query_range, item_range) in enumerate(layout.fold_ranges(direction)):
-            fold_columns = item_range if protocol == "coco" else None
-            for block_start in range(query_range[0], query_range[1], block_rows):
-                block_end = min(block_start + block_rows, query_range[1])
-                block = _rows(source, direction, slice(block_start, block_end))
-                for sub_start in range(block_start, block_end, sub_rows):
-                    sub_end = min(sub_start + sub_rows, block_end)
-                    queries = torch.arange(sub_start, sub_end, device=device)
+    block_workspace = Workspace()
+    local = threading.local()
+    if num_workers is None:
+        num_workers = min(2, torch.get_num_threads()) if device.type == "cpu" else 1
+
+    def rank_rows(block: torch.Tensor, block_start: int, rows: range, direction: str, fold_columns):
+        if not hasattr(local, "workspace"):
+            local.workspace = Workspace()
+        everything = (0, block.shape[1])
+        queries = torch.arange(rows.start, rows.stop, device=device)
+        views = {name: relevance.view(kinds[direction], direction, queries, everything)
+                 for name, kinds in relevance_kinds.items()}  # fmt: skip
+        fold_views = None
+        if fold_columns is not None:
+            fold_views = {name: relevance.view(kinds[direction], direction, queries, fold_columns)
+                          for name, kinds in relevance_kinds.items()}  # fmt: skip
+        return rank_block(
+            block[rows.start - block_start : rows.stop - block_start],
+            ks=ks,
+            relevance=views,
+            plausibility=plausible.levels(direction, queries, everything) if plausible else None,
+            zetas=plausible.zetas if plausible else (),
+            fold_columns=fold_columns,
+            fold_relevance=fold_views,
+            workspace=local.workspace,
+        )
+
+    if plausible is not None and plausible.relation is None:
+        with single_cpu_thread(device):
+            plausible._image_table()  # shared by the workers: built once, before them
+    with ThreadPoolExecutor(max_workers=max(1, int(num_workers))) as pool:
+        for direction in DIRECTIONS:
+            num_items = num_texts if direction == "i2t" else num_images
+            block_rows = int(chunk_size) if chunk_size else max(1, BLOCK_ELEMENTS // num_items)
+            sub_rows = max(1, SUB_BLOCK_ELEMENTS // num_items)
+            for fold, (query_range, item_range) in enumerate(layout.fold_ranges(direction)):
+                fold_columns = item_range if protocol == "coco" else None
+                for block_start in range(query_range[0], query_range[1], block_rows):
+                    block_end = min(block_start + block_rows, query_range[1])
+                    block = _rows(source, direction, slice(block_start, block_end), block_workspace)
+                    starts = range(block_start, block_end, sub_rows)
+                    pieces = [range(start, min(start + sub_rows, block_end)) for start in starts]
+                    # the ranking passes run on worker threads, each on one CPU thread (see ranking.py)
                     with single_cpu_thread(device):
-                        views = {name: relevance.view(kinds[direction], direction, queries, everything)
-                                 for name, kinds in relevance_kinds.items()}  # fmt: skip
-                        fold_views = None
-                        if fold_columns is not None:
-                            fold_views = {name: relevance.view(kinds[direction], direction, queries, fold_columns)
-                                          for name, kinds in relevance_kinds.items()}  # fmt: skip
-                        ranks, fold_ranks = rank_block(
-                            block[sub_start - block_start : sub_end - block_start],
-                            ks=ks,
-                            relevance=views,
-                            plausibility=plausible.levels(direction, queries, everything) if plausible else None,
-                            zetas=plausible.zetas if plausible else (),
-                            fold_columns=fold_columns,
-                            fold_relevance=fold_views,
-                            workspace=workspace,
-                        )
-                        _accumulate(means, ranks, "", 0, direction, ks, plausible)
-                        if fold_ranks is not None:
-                            _accumulate(means, fold_ranks, "1k/", fold, direction, ks, plausible)
+                        futures = [
+                            pool.submit(rank_rows, block, block_start, rows, direction, fold_columns) for rows in pieces
+                        ]
+                        for future in futures:  # in order: the sums do not depend on the thread timing
+                            ranks, fold_ranks = future.result()
+                            _accumulate(means, ranks, "", 0, direction, ks, plausible)
+                            if fold_ranks is not None:
+                                _accumulate(means, fold_ranks, "1k/", fold, direction, ks, plausible)
     return _collect(means, prefixes, ks, relevance_kinds, plausible)
 
 
@@ -591,8 +646,11 @@ def _score_source(scores, scorer, image_embeds, text_embeds, image_log_sigma2, t
     )
 
 
-def _rows(source: ScoreSource, direction: str, rows: slice) -> torch.Tensor:
-    return source.image_rows(rows) if direction == "i2t" else source.text_rows(rows)
+def _rows(source: ScoreSource, direction: str, rows: slice, workspace: Workspace) -> torch.Tensor:
+    num_items = source.num_texts if direction == "i2t" else source.num_images
+    shape = (rows.stop - rows.start, num_items)
+    out = workspace.get("block", shape[0] * shape[1], torch.float32, source.device).view(shape)
+    return source.image_rows(rows, out=out) if direction == "i2t" else source.text_rows(rows, out=out)
 
 
 def _accumulate(means: _Means, ranks, prefix: str, fold: int, direction: str, ks, plausible) -> None:

@@ -59,12 +59,16 @@ class ScoreSource:
         """Where the blocks are computed."""
         raise NotImplementedError
 
-    def image_rows(self, rows: slice) -> torch.Tensor:
-        """Scores of the images ``rows`` against every caption, ``(r, num_texts)``."""
+    def image_rows(self, rows: slice, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores of the images ``rows`` against every caption, ``(r, num_texts)``.
+
+        ``out``: an optional float32 buffer of that shape that the scorer may fill and return
+        (reusing one buffer spares the page faults of a fresh large allocation per block).
+        """
         raise NotImplementedError
 
-    def text_rows(self, rows: slice) -> torch.Tensor:
-        """Scores of the captions ``rows`` against every image, ``(r, num_images)``."""
+    def text_rows(self, rows: slice, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores of the captions ``rows`` against every image, ``(r, num_images)``; ``out`` as above."""
         raise NotImplementedError
 
     def reorder_texts(self, order: torch.Tensor) -> None:
@@ -94,13 +98,13 @@ class MatrixScores(ScoreSource):
     def reorder_texts(self, order: torch.Tensor) -> None:
         self.text_order = order.to(self.scores.device)
 
-    def image_rows(self, rows: slice) -> torch.Tensor:
+    def image_rows(self, rows: slice, out: torch.Tensor | None = None) -> torch.Tensor:
         block = self.scores[rows]
         if self.text_order is not None:
             block = block.index_select(1, self.text_order)
         return block.to(self.dtype)
 
-    def text_rows(self, rows: slice) -> torch.Tensor:
+    def text_rows(self, rows: slice, out: torch.Tensor | None = None) -> torch.Tensor:
         if self.text_order is not None:
             block = self.scores.index_select(1, self.text_order[rows])
         else:
@@ -186,34 +190,34 @@ class InnerProductScorer(ScoreSource):
         if self._direction == direction:
             return
         self._queries = self._items = None
-        if direction == "i2t":
-            query, query_var, item, item_var = self.image_mean, self.image_log_sigma2, self.text_mean, self.text_log_sigma2
-        else:
-            query, query_var, item, item_var = self.text_mean, self.text_log_sigma2, self.image_mean, self.image_log_sigma2
-        vectors, offsets = query_search_vectors(query, query_var, self.metric)
-        items = item_search_vectors(item, item_var, self.metric)
+        images, texts = (self.image_mean, self.image_log_sigma2), (self.text_mean, self.text_log_sigma2)
+        query, item = (images, texts) if direction == "i2t" else (texts, images)
+        vectors, offsets = query_search_vectors(*query, self.metric)
+        items = item_search_vectors(*item, self.metric)
         self._queries = (vectors, offsets)
         self._items = items.reshape(-1, items.shape[-1])
         self._item_embeds = items.shape[1]
         self._direction = direction
 
-    def _block(self, direction: str, rows: slice) -> torch.Tensor:
+    def _block(self, direction: str, rows: slice, out: torch.Tensor | None) -> torch.Tensor:
         self._prepare(direction)
         vectors, offsets = self._queries
         query = vectors[rows]
         num_rows, query_embeds = query.shape[:2]
-        scores = torch.mm(query.reshape(num_rows * query_embeds, -1), self._items.t())
+        if query_embeds > 1 or self._item_embeds > 1 or out is None or out.dtype != torch.float32:
+            out = None
+        scores = torch.mm(query.reshape(num_rows * query_embeds, -1), self._items.t(), out=out)
         if self.metric == "csd":
             scores.sub_(offsets[rows].reshape(-1, 1))
         if query_embeds > 1 or self._item_embeds > 1:
             scores = scores.view(num_rows, query_embeds, -1, self._item_embeds).amax(dim=(1, 3))
         return scores
 
-    def image_rows(self, rows: slice) -> torch.Tensor:
-        return self._block("i2t", rows)
+    def image_rows(self, rows: slice, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self._block("i2t", rows, out)
 
-    def text_rows(self, rows: slice) -> torch.Tensor:
-        return self._block("t2i", rows)
+    def text_rows(self, rows: slice, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self._block("t2i", rows, out)
 
 
 class CosineScorer(InnerProductScorer):
@@ -269,8 +273,12 @@ class SampledMatchScorer(ScoreSource):
             offset = 0 if side == "image" else 1
             return lambda device: torch.Generator(device=device).manual_seed(2 * int(seed) + offset)
 
-        self.image_samples = self._samples(image_samples, image_embeds, image_log_sigma2, num_samples, generator("image"), "image")
-        self.text_samples = self._samples(text_samples, text_embeds, text_log_sigma2, num_samples, generator("text"), "text")
+        self.image_samples = self._samples(
+            image_samples, image_embeds, image_log_sigma2, num_samples, generator("image"), "image"
+        )
+        self.text_samples = self._samples(
+            text_samples, text_embeds, text_log_sigma2, num_samples, generator("text"), "text"
+        )
         if self.image_samples.shape[-1] != self.text_samples.shape[-1]:
             raise ValueError("image and text samples must have the same size D.")
         self.num_images = self.image_samples.shape[0]
@@ -300,13 +308,15 @@ class SampledMatchScorer(ScoreSource):
     def reorder_texts(self, order: torch.Tensor) -> None:
         self.text_samples = self.text_samples.index_select(0, order.to(self.text_samples.device))
 
-    def image_rows(self, rows: slice) -> torch.Tensor:
-        with torch.no_grad():
-            return pairwise_sampled_match_log_prob(self.image_samples[rows], self.text_samples, self.negative_scale, self.shift)[0]
+    def image_rows(self, rows: slice, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self._log_prob(self.image_samples[rows], self.text_samples)
 
-    def text_rows(self, rows: slice) -> torch.Tensor:
+    def text_rows(self, rows: slice, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self._log_prob(self.text_samples[rows], self.image_samples)
+
+    def _log_prob(self, queries: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return pairwise_sampled_match_log_prob(self.text_samples[rows], self.image_samples, self.negative_scale, self.shift)[0]
+            return pairwise_sampled_match_log_prob(queries, items, self.negative_scale, self.shift)[0]
 
 
 #: Scorer name -> class. Add a scorer with one line here.

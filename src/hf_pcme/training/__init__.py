@@ -8,6 +8,7 @@
 from .checkpointing import CheckpointManager, find_latest_checkpoint, is_valid_checkpoint
 from .config import DataRecipe, EvalRecipe, ModelRecipe, Recipe, TrainRecipe, load_recipe, recipe_from_dict
 from .model_card import build_model_card, write_model_card
+from .trainer import TrainResult, Trainer, train
 
 __all__ = [
     "CheckpointManager",
@@ -16,10 +17,13 @@ __all__ = [
     "ModelRecipe",
     "Recipe",
     "TrainRecipe",
+    "TrainResult",
+    "Trainer",
     "build_model_card",
     "find_latest_checkpoint",
     "is_valid_checkpoint",
     "load_recipe",
     "recipe_from_dict",
+    "train",
     "write_model_card",
 ]

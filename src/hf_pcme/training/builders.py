@@ -9,7 +9,7 @@ from typing import Any
 from transformers import AutoImageProcessor, AutoTokenizer, PreTrainedModel
 
 from ..configuration_pcme import PCMEConfig
-from ..modeling_pcme import BUILTIN_TOWERS, PCMEModel
+from ..modeling_pcme import BUILTIN_TOWERS, PCMEModel, load_pretrained_tower
 from ..processing_pcme import PCMEProcessor
 from ..tokenization import build_word_level_tokenizer
 from .config import ModelRecipe, Recipe
@@ -33,6 +33,7 @@ _CONFIG_FIELDS = (
     "init_negative_scale",
     "init_shift",
     "match_function",
+    "init_log_sigma2",
 )
 
 
@@ -86,12 +87,6 @@ def build_processor(recipe: Recipe, captions: Iterable[str] | None = None) -> PC
     return PCMEProcessor(image_processor=build_image_processor(recipe), tokenizer=build_tokenizer(recipe, captions))
 
 
-def _load_tower(name: str) -> PreTrainedModel:
-    from ..modeling_pcme import _load_pretrained_tower
-
-    return _load_pretrained_tower(name)
-
-
 def build_model(recipe: Recipe, tokenizer: Any = None) -> PCMEModel:
     """The :class:`~hf_pcme.PCMEModel` of a recipe.
 
@@ -103,8 +98,8 @@ def build_model(recipe: Recipe, tokenizer: Any = None) -> PCMEModel:
     model_recipe = recipe.model
     if model_recipe.pretrained is not None:
         return PCMEModel.from_pretrained(model_recipe.pretrained)
-    vision_model = _load_tower(model_recipe.vision_tower) if model_recipe.vision_tower else None
-    text_model = _load_tower(model_recipe.text_tower) if model_recipe.text_tower else None
+    vision_model = load_pretrained_tower(model_recipe.vision_tower) if model_recipe.vision_tower else None
+    text_model = load_pretrained_tower(model_recipe.text_tower) if model_recipe.text_tower else None
     text_config: Any = dict(model_recipe.text_config or {"model_type": "pcme_bigru"})
     if _uses_builtin_text_tower(model_recipe) and tokenizer is not None:
         text_config["vocab_size"] = len(tokenizer)

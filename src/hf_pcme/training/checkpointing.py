@@ -187,7 +187,7 @@ class CheckpointManager:
         """
         accelerator = self.accelerator
         target = self.path_for(step)
-        if is_valid_checkpoint(target):
+        if self._on_main_process(lambda: is_valid_checkpoint(target)):
             return target
         tmp = self.directory / f"{TMP_PREFIX}{target.name}"
         if accelerator.is_main_process:
@@ -213,6 +213,15 @@ class CheckpointManager:
             raise
         accelerator.wait_for_everyone()
         return target
+
+    def _on_main_process(self, question: Callable[[], bool]) -> bool:
+        """Answer ``question`` on the main process and share the answer: every process must take the same branch."""
+        answer = [question() if self.accelerator.is_main_process else None]
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(answer)
+        return bool(answer[0])
 
     def load(self, path: str | Path) -> dict[str, Any]:
         """Restore the accelerate state (model, optimiser, scheduler, RNG) from ``path``; return the trainer state."""

@@ -61,6 +61,10 @@ class ModelRecipe:
     model (fine-tuning). The built-in bi-GRU text tower gets a word-level tokenizer built from the
     training captions unless ``tokenizer`` names one; ``word_embeddings`` is an optional GloVe
     text file (``word v1 ... v300`` per line) to initialise its word vectors.
+    ``init_log_sigma2`` starts every log variance near this value (the bias of the uncertainty
+    branch; ``None`` keeps the model's own initialisation, log variance ~ 0, as the original). Towers
+    trained from scratch need it small (e.g. -5): with unit variances the sampling noise swamps the
+    still nearly identical means and the binary match losses settle on a collapsed embedding.
     """
 
     pretrained: str | None = None
@@ -82,6 +86,7 @@ class ModelRecipe:
     loss_kwargs: dict = field(default_factory=dict)
     init_negative_scale: float = 15.0
     init_shift: float = 15.0
+    init_log_sigma2: float | None = None
     match_function: Literal["sampled", "csd"] = "sampled"
 
 
@@ -99,7 +104,7 @@ class DataRecipe:
     data_dir: str | None = None
     options: dict = field(default_factory=dict)
     train_split: str = "train"
-    eval_split: str = "validation"
+    eval_split: str = "val"
     image_size: int = 224
     augment: bool = True
     num_workers: int = 0
@@ -118,6 +123,8 @@ class TrainRecipe:
     lengths are in epochs, or in optimiser steps when ``phase1_steps`` / ``phase2_steps`` are
     set; ``max_steps`` caps the total. ``stop_after_steps`` ends the run abruptly after that
     many steps without a final checkpoint, as a kill would (for testing ``--resume``).
+    ``find_unused_parameters`` is passed to DDP (needed only if some trainable parameter does not
+    reach the loss).
     """
 
     batch_size: int = 128
@@ -140,6 +147,7 @@ class TrainRecipe:
     grad_accum: int = 1
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     diagonal_positives_only: bool = False
+    find_unused_parameters: bool = False
     checkpoint_every: int = 1000
     keep_last: int = 2
     eval_every: int = 0
@@ -152,13 +160,18 @@ class TrainRecipe:
 
 @dataclass
 class EvalRecipe:
-    """Periodic validation: R@K and PMRP on ``data.eval_split`` (at most ``max_images`` images)."""
+    """Periodic validation: R@K and PMRP on ``data.eval_split`` (at most ``max_images`` images).
+
+    ``ranking`` overrides how pairs are scored (default: the model's own score: cosine for points,
+    the best pair for PVSE, CSD or the sampled match probability for Gaussians); ``num_samples``
+    is J for the sampled score (default: the model's).
+    """
 
     enabled: bool = True
     batch_size: int = 256
     max_images: int | None = None
     num_samples: int | None = None
-    ranking: str | None = None
+    ranking: Literal["cosine", "csd", "sampled", "polysemous"] | None = None
 
 
 @dataclass

@@ -38,6 +38,11 @@ def encode_split(model: Any, processor: Any, view: Any, batch_size: int, acceler
     """Embeddings of every image and every caption of a :class:`~hf_pcme.data.RetrievalSplit` (gathered)."""
     from ..data import make_eval_transform
 
+    if min(view.num_images, view.num_captions) < accelerator.num_processes:
+        raise ValueError(
+            f"The validation split has {view.num_images} images and {view.num_captions} captions, fewer than the "
+            f"{accelerator.num_processes} processes; use a larger eval split (eval.max_images) or eval.enabled=false."
+        )
     device = accelerator.device
     transform = make_eval_transform(processor)
     image_parts, text_parts = [], []
@@ -57,10 +62,7 @@ def encode_split(model: Any, processor: Any, view: Any, batch_size: int, acceler
             text_parts.append(_detach(model.get_text_features(
                 encoded["input_ids"].to(device), encoded["attention_mask"].to(device), num_samples=num_samples
             )))
-    empty = ProbabilisticEmbedding(mean=torch.empty(0, device=device))
-    images = _concat(image_parts) if image_parts else empty
-    texts = _concat(text_parts) if text_parts else empty
-    return gather_embeddings(images), gather_embeddings(texts)
+    return gather_embeddings(_concat(image_parts)), gather_embeddings(_concat(text_parts))
 
 
 def _detach(embedding: ProbabilisticEmbedding) -> ProbabilisticEmbedding:
@@ -71,22 +73,52 @@ def _detach(embedding: ProbabilisticEmbedding) -> ProbabilisticEmbedding:
     )
 
 
+def default_scorer(model: Any) -> str:
+    """How the model ranks: cosine (points), best pair (PVSE), CSD or the sampled match probability (Gaussians)."""
+    config = model.config
+    if config.head_type == "deterministic":
+        return "cosine"
+    if config.head_type == "polysemous":
+        return "polysemous"
+    return "csd" if config.match_function == "csd" else "sampled"
+
+
 def evaluate_model(model: Any, processor: Any, dataset: Any, recipe: Recipe, accelerator: Any) -> dict[str, float]:
-    """R@K / PMRP (percent, flat keys such as ``i2t_R@1``, ``t2i_pmrp``, ``rsum``) of ``model`` on ``dataset``."""
+    """R@K, R-Precision, MAP@R, PMRP (percent, flat keys such as ``i2t_R@1``, ``t2i_pmrp``, ``rsum``).
+
+    Ranking uses ``eval.ranking`` or the model's own score (:func:`default_scorer`); with 5,000
+    COCO images the ``1k/`` keys of the 5-fold protocol are added.
+    """
     from ..data import make_retrieval_split
     from ..metrics import evaluate_retrieval
 
     view = make_retrieval_split(dataset)
+    scorer = recipe.eval.ranking or default_scorer(model)
     was_training = model.training
     model.eval()
     try:
-        image_embeds, text_embeds = encode_split(
-            model, processor, view, recipe.eval.batch_size, accelerator, recipe.eval.num_samples
-        )
-        scores = model.pairwise_logits(image_embeds, text_embeds).float()
+        num_samples = recipe.eval.num_samples if scorer == "sampled" else 0
+        images, texts = encode_split(model, processor, view, recipe.eval.batch_size, accelerator, num_samples)
     finally:
         model.train(was_training)
-    return evaluate_retrieval(scores, view)
+    protocol = "coco" if recipe.data.name == "coco" and view.num_images % 1000 == 0 else None
+    return evaluate_retrieval(
+        text_to_image=view.text_to_image,
+        image_embeds=images.mean,
+        text_embeds=texts.mean,
+        image_log_sigma2=images.log_sigma2,
+        text_log_sigma2=texts.log_sigma2,
+        image_samples=images.samples,
+        text_samples=texts.samples,
+        scorer=scorer,
+        negative_scale=model.negative_scale.detach().float(),
+        shift=model.shift.detach().float(),
+        image_labels=view.image_labels,
+        image_classes=view.image_classes,
+        plausibility=view.plausibility,
+        protocol=protocol,
+        seed=recipe.seed,
+    )
 
 
-__all__ = ["encode_split", "evaluate_model"]
+__all__ = ["default_scorer", "encode_split", "evaluate_model"]

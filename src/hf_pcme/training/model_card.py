@@ -23,19 +23,22 @@ TASK_NAME = "Cross-modal retrieval"
 _DATASET_NAMES = {"coco": "MS-COCO (Karpathy split)", "cub": "CUB-200-2011 captions", "shapes": "Synthetic shapes"}
 
 
+_METRIC_NAMES = {"map_at_r": "MAP@R", "r_precision": "R-Precision", "pmrp": "PMRP", "rsum": "RSUM"}
+
+
 def metric_display_name(key: str) -> str:
-    """``"i2t_R@1"`` -> ``"i2t R@1"``, ``"t2i_pmrp"`` -> ``"t2i PMRP"``, ``"rsum"`` -> ``"RSUM"``."""
-    parts = key.split("_")
-    pretty = []
-    for part in parts:
-        lower = part.lower()
-        if lower in ("i2t", "t2i"):
-            pretty.append(lower)
-        elif lower in ("pmrp", "rsum", "map@r", "r-precision", "rp", "ecc"):
-            pretty.append(part.upper() if lower != "map@r" else "mAP@R")
-        else:
-            pretty.append(part)
-    return " ".join(pretty)
+    """``"i2t_R@1"`` -> ``"i2t R@1"``, ``"t2i_pmrp_zeta1"`` -> ``"t2i PMRP (zeta=1)"``, ``"1k/rsum"`` -> ``"RSUM (1K)"``."""
+    protocol, _, key = key.rpartition("/")
+    suffix = f" ({protocol.upper()})" if protocol else ""
+    direction, _, name = key.partition("_")
+    if direction not in ("i2t", "t2i") or not name:
+        direction, name = "", key
+    zeta = ""
+    if "_zeta" in name:
+        name, _, value = name.partition("_zeta")
+        zeta = f" (zeta={value})"
+    pretty = _METRIC_NAMES.get(name.lower(), name)
+    return " ".join(filter(None, (direction, pretty))) + zeta + suffix
 
 
 def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
@@ -55,9 +58,11 @@ def results_table(metrics: dict[str, Any]) -> str:
         return "_No evaluation results were recorded for this model._"
     rows: dict[str, dict[str, float]] = {}
     for key, value in metrics.items():
-        direction, _, name = key.partition("_")
+        protocol, _, rest = key.rpartition("/")
+        direction, _, name = rest.partition("_")
+        prefix = f"{protocol}/" if protocol else ""
         if direction in ("i2t", "t2i") and name:
-            rows.setdefault(name, {})[direction] = value
+            rows.setdefault(prefix + name, {})[direction] = value
         else:
             rows.setdefault(key, {})["all"] = value
     lines = ["| metric | i2t | t2i | overall |", "|---|---|---|---|"]
@@ -124,7 +129,7 @@ def build_model_card(
         license="apache-2.0",
         tags=list(dict.fromkeys(tags)),
         datasets=[recipe.data.name],
-        metrics=sorted({key.partition("_")[2] or key for key in metrics}) or None,
+        metrics=sorted({key.rpartition("/")[2].partition("_")[2] or key.rpartition("/")[2] for key in metrics}) or None,
         eval_results=eval_results or None,
         base_model=[m for m in (model.vision_tower, model.text_tower) if m and not Path(m).exists()] or None,
     )

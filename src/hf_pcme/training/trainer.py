@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -173,6 +173,9 @@ class Trainer:
                 # The recipe's batch_size is the global batch: each process gets a slice of it.
                 dataloader_config=DataLoaderConfiguration(split_batches=True),
                 step_scheduler_with_optimizer=False,
+                kwargs_handlers=[
+                    DistributedDataParallelKwargs(find_unused_parameters=recipe.train.find_unused_parameters)
+                ],
             )
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched > 1 and accelerator.num_processes != launched:
