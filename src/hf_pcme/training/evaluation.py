@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..distributed import gather_embeddings
 from ..outputs import ProbabilisticEmbedding
@@ -34,8 +36,12 @@ def _shard(num_items: int, accelerator: Any) -> range:
 
 @torch.no_grad()
 def encode_split(model: Any, processor: Any, view: Any, batch_size: int, accelerator: Any,
-                 num_samples: int | None = None) -> tuple[ProbabilisticEmbedding, ProbabilisticEmbedding]:
-    """Embeddings of every image and every caption of a :class:`~hf_pcme.data.RetrievalSplit` (gathered)."""
+                 num_samples: int | None = None, progress_bar: bool = False
+                 ) -> tuple[ProbabilisticEmbedding, ProbabilisticEmbedding]:
+    """Embeddings of every image and every caption of a :class:`~hf_pcme.data.RetrievalSplit` (gathered).
+
+    ``progress_bar`` shows tqdm bars on the main process.
+    """
     from ..data import make_eval_transform
 
     if min(view.num_images, view.num_captions) < accelerator.num_processes:
@@ -47,15 +53,16 @@ def encode_split(model: Any, processor: Any, view: Any, batch_size: int, acceler
     transform = make_eval_transform(processor)
     image_parts, text_parts = [], []
     with accelerator.autocast():
+        show = progress_bar and accelerator.is_local_main_process
         rows = _shard(view.num_images, accelerator)
-        for start in range(rows.start, rows.stop, batch_size):
+        for start in tqdm(range(rows.start, rows.stop, batch_size), desc="Embedding images", disable=not show):
             batch = transform(view.images[start : min(start + batch_size, rows.stop)])
             pixel_values = torch.stack(batch["pixel_values"]).to(device)
             image_parts.append(_detach(model.get_image_features(pixel_values, num_samples=num_samples)))
         rows = _shard(view.num_captions, accelerator)
         captions = view.captions.select_columns(["caption"])
         max_length = getattr(processor.tokenizer, "model_max_length", None)
-        for start in range(rows.start, rows.stop, batch_size):
+        for start in tqdm(range(rows.start, rows.stop, batch_size), desc="Embedding captions", disable=not show):
             texts = captions[start : min(start + batch_size, rows.stop)]["caption"]
             encoded = processor(text=texts, return_tensors="pt", padding=True, truncation=True,
                                 max_length=max_length if max_length and max_length < 10**6 else None)
@@ -83,6 +90,69 @@ def default_scorer(model: Any) -> str:
     return "csd" if config.match_function == "csd" else "sampled"
 
 
+def retrieval_metrics(
+    model: Any,
+    view: Any,
+    image_embeds: ProbabilisticEmbedding,
+    text_embeds: ProbabilisticEmbedding,
+    *,
+    scorer: str | None = None,
+    caption_rows: Any = None,
+    protocol: str | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
+    """R@K, R-Precision, MAP@R, PMRP (percent, flat keys) from embeddings of a :class:`RetrievalSplit`.
+
+    ``scorer`` defaults to the model's own ranking (:func:`default_scorer`); ``caption_rows``
+    restricts the captions (e.g. one specificity level of shapes), keeping every image.
+    """
+    from ..metrics import evaluate_retrieval
+
+    scorer = scorer or default_scorer(model)
+    text_to_image = view.text_to_image
+    plausibility = view.plausibility
+    if caption_rows is not None:
+        caption_rows = np.asarray(caption_rows, dtype=np.int64)
+        text_embeds = ProbabilisticEmbedding(
+            **{key: value[torch.as_tensor(caption_rows, device=value.device)] for key, value in text_embeds.items()}
+        )
+        text_to_image = text_to_image[caption_rows]
+        if plausibility is not None:
+            plausibility = plausibility(np.arange(view.num_images), caption_rows)
+    return evaluate_retrieval(
+        text_to_image=text_to_image,
+        image_embeds=image_embeds.mean,
+        text_embeds=text_embeds.mean,
+        image_log_sigma2=image_embeds.log_sigma2,
+        text_log_sigma2=text_embeds.log_sigma2,
+        image_samples=image_embeds.samples,
+        text_samples=text_embeds.samples,
+        scorer=scorer,
+        negative_scale=model.negative_scale.detach().float(),
+        shift=model.shift.detach().float(),
+        image_labels=view.image_labels,
+        image_classes=view.image_classes,
+        plausibility=plausibility,
+        protocol=protocol,
+        seed=seed,
+    )
+
+
+@torch.no_grad()
+def encode_for_scorer(
+    model: Any, processor: Any, view: Any, accelerator: Any, *, scorer: str, batch_size: int,
+    num_samples: int = 7, progress_bar: bool = False,
+) -> tuple[ProbabilisticEmbedding, ProbabilisticEmbedding]:
+    """Embed a split in eval mode, drawing samples only when ``scorer`` is ``"sampled"``."""
+    was_training = model.training
+    model.eval()
+    try:
+        samples = num_samples if scorer == "sampled" else 0
+        return encode_split(model, processor, view, batch_size, accelerator, samples, progress_bar=progress_bar)
+    finally:
+        model.train(was_training)
+
+
 def evaluate_model(model: Any, processor: Any, dataset: Any, recipe: Recipe, accelerator: Any) -> dict[str, float]:
     """R@K, R-Precision, MAP@R, PMRP (percent, flat keys such as ``i2t_R@1``, ``t2i_pmrp``, ``rsum``).
 
@@ -90,35 +160,21 @@ def evaluate_model(model: Any, processor: Any, dataset: Any, recipe: Recipe, acc
     COCO images the ``1k/`` keys of the 5-fold protocol are added.
     """
     from ..data import make_retrieval_split
-    from ..metrics import evaluate_retrieval
 
     view = make_retrieval_split(dataset)
     scorer = recipe.eval.ranking or default_scorer(model)
-    was_training = model.training
-    model.eval()
-    try:
-        num_samples = recipe.eval.num_samples if scorer == "sampled" else 0
-        images, texts = encode_split(model, processor, view, recipe.eval.batch_size, accelerator, num_samples)
-    finally:
-        model.train(was_training)
-    protocol = "coco" if recipe.data.name == "coco" and view.num_images % 1000 == 0 else None
-    return evaluate_retrieval(
-        text_to_image=view.text_to_image,
-        image_embeds=images.mean,
-        text_embeds=texts.mean,
-        image_log_sigma2=images.log_sigma2,
-        text_log_sigma2=texts.log_sigma2,
-        image_samples=images.samples,
-        text_samples=texts.samples,
-        scorer=scorer,
-        negative_scale=model.negative_scale.detach().float(),
-        shift=model.shift.detach().float(),
-        image_labels=view.image_labels,
-        image_classes=view.image_classes,
-        plausibility=view.plausibility,
-        protocol=protocol,
-        seed=recipe.seed,
+    images, texts = encode_for_scorer(
+        model, processor, view, accelerator, scorer=scorer, batch_size=recipe.eval.batch_size,
+        num_samples=recipe.eval.num_samples,
+    )
+    return retrieval_metrics(
+        model, view, images, texts, scorer=scorer, protocol=coco_protocol(recipe.data.name, view), seed=recipe.seed
     )
 
 
-__all__ = ["default_scorer", "encode_split", "evaluate_model"]
+def coco_protocol(dataset_name: str, view: Any) -> str | None:
+    """``"coco"`` (adds the 5-fold 1K keys) for COCO splits made of whole 1,000-image folds, else ``None``."""
+    return "coco" if dataset_name == "coco" and view.num_images % 1000 == 0 else None
+
+
+__all__ = ["coco_protocol", "default_scorer", "encode_for_scorer", "encode_split", "evaluate_model", "retrieval_metrics"]
