@@ -15,6 +15,8 @@ as the log variance of each dimension (the original code calls it ``logsigma``).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -111,16 +113,8 @@ class DeterministicHead(_PIEHead):
 class ProbabilisticHead(_PIEHead):
     """PCME head: a Gaussian ``N(mean, diag(exp(log_sigma2)))`` per item."""
 
-    def __init__(
-        self,
-        local_dim: int,
-        global_dim: int,
-        embed_dim: int,
-        hidden_dim: int,
-        dropout: float = 0.0,
-        num_embeds: int = 1,
-    ):
-        super().__init__(local_dim, global_dim, embed_dim, hidden_dim, dropout, num_embeds)
+    def __init__(self, local_dim: int, global_dim: int, embed_dim: int, hidden_dim: int, **kwargs: Any):
+        super().__init__(local_dim, global_dim, embed_dim, hidden_dim, **kwargs)
         self.uncertainty_branch = UncertaintyBranch(local_dim, global_dim, embed_dim, hidden_dim)
 
     def forward(self, local: torch.Tensor, global_feature: torch.Tensor, mask: torch.Tensor | None = None) -> ProbabilisticEmbedding:

@@ -149,8 +149,8 @@ def build_model_card(
         match_text = "cosine similarity of the embeddings" + (" (best of K x K pairs)" if model.head_type == "polysemous" else "")
     summary = {
         "probabilistic": "A probabilistic cross-modal embedding (PCME, Chun et al. CVPR 2021): each input is a "
-        "Gaussian, so ambiguous images and captions get a larger variance, and a pair's match probability "
-        "accounts for both uncertainties.",
+        "Gaussian whose variance is meant to express ambiguity (check the evaluation before relying on it), "
+        "and a pair's match probability accounts for both uncertainties.",
         "deterministic": "A deterministic dual encoder (one point per input), trained as a baseline for "
         "probabilistic embeddings.",
         "polysemous": "A polysemous visual-semantic embedding (PVSE, Song & Soleymani CVPR 2019): K points per input.",
