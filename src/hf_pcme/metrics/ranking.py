@@ -102,11 +102,11 @@ class BlockRanks:
 
 
 def num_buckets(num_items: int) -> int:
-    """Buckets per row: about 20 items per bucket, a power of two in ``[16, 1024]``.
+    """Buckets per row: about 40 items per bucket, a power of two in ``[16, 1024]``.
 
     Fewer buckets make the histogram cheaper to accumulate; more make the extracted buckets smaller.
     """
-    return int(2 ** min(10, max(4, round(math.log2(max(num_items, 1) / 20)))))
+    return int(2 ** min(10, max(4, round(math.log2(max(num_items, 1) / 40)))))
 
 
 @contextlib.contextmanager
@@ -271,19 +271,28 @@ def _rank_block(scores, ks, relevance, plausibility, zetas, fold_columns, fold_r
     key = workspace.get("key", r * n, torch.int32, device).view(r, n)
     key.copy_(scaled)  # truncation = floor for non-negative values
     # key = row * row_stride + group * L * B + level * B + bucket
-    offsets = torch.arange(r, device=device, dtype=torch.int32).unsqueeze(1) * row_stride
+    key.add_(torch.arange(r, device=device, dtype=torch.int32).unsqueeze(1) * row_stride)
     if plausibility is None:
-        key.add_(offsets)
         if fold_columns is not None:
             key[:, fold_columns[0] : fold_columns[1]] += buckets
     else:
         group = plausibility.group_size
-        levels = plausibility.levels if plausibility.row_index is None else plausibility.levels[plausibility.row_index]
-        bias = levels.to(torch.int32) * buckets + offsets
+        table_rows, runs = plausibility.row_index, 1
+        if table_rows is not None and group == 1:
+            # consecutive query rows sharing a level row (the captions of one image): one bias row each
+            unique_rows, counts = torch.unique_consecutive(table_rows, return_counts=True)
+            if r % unique_rows.numel() == 0 and bool((counts == r // unique_rows.numel()).all()):
+                table_rows, runs = unique_rows, r // unique_rows.numel()
+        levels = plausibility.levels if table_rows is None else plausibility.levels[table_rows]
+        bias = levels.to(torch.int32).mul_(buckets)
         if fold_columns is not None:
             bias[:, fold_columns[0] // group : fold_columns[1] // group] += num_levels * buckets
-        # the captions of one image share a level: a broadcast add, no gather over the block
-        key.view(r, n // group, group).add_(bias.unsqueeze(2))
+        # broadcast adds, never a gather over the block: the captions of one image share a level
+        # (i2t: `group` adjacent columns; t2i: `runs` adjacent rows)
+        if runs > 1:
+            key.view(-1, runs, n).add_(bias.unsqueeze(1))
+        else:
+            key.view(r, n // group, group).add_(bias.unsqueeze(2))
     ones = workspace.ones(r * n, torch.int32, device)
     histogram = workspace.get("histogram", r * row_stride, torch.int32, device).zero_()
     histogram.index_add_(0, key.view(-1), ones)
@@ -326,8 +335,8 @@ def _rank_block(scores, ks, relevance, plausibility, zetas, fold_columns, fold_r
             ], dim=1)  # fmt: skip
             target = torch.where(valid, target, torch.zeros_like(target))  # (r, Z)
             above = total_considered.unsqueeze(1) - cum_considered.gather(1, target).long()
-            plausible_cum = view_cumulative.gather(1, zeta_index.view(1, -1, 1).expand(r, -1, buckets))  # (r, Z, B)
-            plausible_above = plausible_count - plausible_cum.gather(2, target.unsqueeze(2)).squeeze(2).long()
+            row_ids = torch.arange(r, device=device).unsqueeze(1)
+            plausible_above = plausible_count - view_cumulative[row_ids, zeta_index.unsqueeze(0), target].long()
             # mark the target buckets (invalid rows write to a spare column that is dropped)
             marks = torch.zeros((r, buckets + 1), dtype=torch.bool, device=device)
             marks.scatter_(1, torch.where(valid, target, buckets), True)

@@ -293,23 +293,26 @@ class _Plausibility:
         """Levels of every image pair, int8 ``(N, N)``, computed once and shared by both directions
         (only up to ``LEVEL_TABLE_IMAGES`` images; beyond, the levels are computed per block)."""
         if self._table is None and self.layout.num_images <= LEVEL_TABLE_IMAGES:
-            images = torch.arange(self.layout.num_images, device=self.labelled.device)
-            self._table = torch.cat([self._image_levels(images[rows], 0, images.numel()).to(torch.int8)
-                                     for rows in torch.arange(images.numel()).split(1024)])  # fmt: skip
+            num_images = self.layout.num_images
+            table = torch.empty((num_images, num_images), dtype=torch.int8, device=self.labelled.device)
+            for start in range(0, num_images, 1024):
+                images = torch.arange(start, min(start + 1024, num_images), device=table.device)
+                table[start : start + images.numel()] = self._image_levels(images, 0, num_images)
+            self._table = table
         return self._table
 
     def _image_levels(self, query_images: torch.Tensor, first: int, end: int) -> torch.Tensor:
         """Levels of the images ``[first, end)`` for each query image, ``(q, end - first)``."""
         unlabelled = self.max_zeta + 2
         if self.labels is not None:
-            queries = self.labels[query_images]
+            # Hamming(a, b) = |a| + |b| - 2 a.b, exact in float32 for 0/1 labels; one product, in place
             items = self.labels[first:end]
-            hamming = self.label_counts[query_images].unsqueeze(1) + self.label_counts[first:end].unsqueeze(0)
-            hamming = hamming - 2 * (queries @ items.t())
-            levels = hamming.round().clamp(max=self.max_zeta + 1).to(torch.int32)
+            counts = self.label_counts[first:end].unsqueeze(0)
+            levels = torch.addmm(counts, self.labels[query_images], items.t(), alpha=-2)
+            levels.add_(self.label_counts[query_images].unsqueeze(1)).clamp_(max=self.max_zeta + 1)
         else:
-            levels = (self.classes[query_images].unsqueeze(1) != self.classes[first:end].unsqueeze(0)).to(torch.int32)
-        return levels.masked_fill_(~self.labelled[first:end].unsqueeze(0), unlabelled)
+            levels = (self.classes[query_images].unsqueeze(1) != self.classes[first:end].unsqueeze(0)).to(torch.int8)
+        return levels.masked_fill_(~self.labelled[first:end].unsqueeze(0), unlabelled).to(torch.int8)
 
     def _relation_block(self, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
         """Plausibility of (images x captions), captions given in sorted order."""
@@ -449,9 +452,15 @@ class _Means:
         self.sums: dict[tuple[str, int, str], float] = defaultdict(float)
         self.counts: dict[tuple[str, int, str], int] = defaultdict(int)
 
-    def add(self, prefix: str, fold: int, name: str, values: torch.Tensor, valid: torch.Tensor) -> None:
-        self.sums[prefix, fold, name] += float(values.double()[valid].sum())
-        self.counts[prefix, fold, name] += int(valid.sum())
+    def add(self, prefix: str, fold: int, columns: list[tuple[str, torch.Tensor, torch.Tensor]]) -> None:
+        """Add the per-query ``(name, values, valid)`` columns of one block (one masked sum for all)."""
+        valid = torch.stack([column[2] for column in columns], 1)
+        values = torch.stack([column[1].double() for column in columns], 1)
+        sums = torch.where(valid, values, 0.0).sum(0).tolist()
+        counts = valid.sum(0).tolist()
+        for (name, _, _), total, count in zip(columns, sums, counts):
+            self.sums[prefix, fold, name] += total
+            self.counts[prefix, fold, name] += count
 
     def mean(self, prefix: str, name: str) -> float:
         """Mean over the queries (one fold), or mean over folds of the fold means (1K)."""
@@ -602,6 +611,10 @@ def evaluate_retrieval(
             num_items = num_texts if direction == "i2t" else num_images
             block_rows = int(chunk_size) if chunk_size else max(1, BLOCK_ELEMENTS // num_items)
             sub_rows = max(1, SUB_BLOCK_ELEMENTS // num_items)
+            if direction == "t2i" and layout.group_size and not chunk_size:
+                # whole images per piece: their captions then share the plausibility rows (see ranking.py)
+                block_rows = max(1, block_rows // layout.group_size) * layout.group_size
+                sub_rows = max(1, sub_rows // layout.group_size) * layout.group_size
             for fold, (query_range, item_range) in enumerate(layout.fold_ranges(direction)):
                 fold_columns = item_range if protocol == "coco" else None
                 for block_start in range(query_range[0], query_range[1], block_rows):
@@ -654,18 +667,20 @@ def _rows(source: ScoreSource, direction: str, rows: slice, workspace: Workspace
 
 
 def _accumulate(means: _Means, ranks, prefix: str, fold: int, direction: str, ks, plausible) -> None:
+    columns = []
     for name, hits in ranks.recall_hits.items():
         valid = ranks.valid[name]
         label = "" if name == "pairs" else "positives_"
         for column, k in enumerate(ks):
-            means.add(prefix, fold, f"{direction}_{label}R@{k}", hits[:, column], valid)
+            columns.append((f"{direction}_{label}R@{k}", hits[:, column], valid))
         if name == "positives" or "positives" not in ranks.recall_hits:
-            means.add(prefix, fold, f"{direction}_r_precision", ranks.r_precision[name], valid)
-            means.add(prefix, fold, f"{direction}_map_at_r", ranks.ap_at_r[name], valid)
+            columns.append((f"{direction}_r_precision", ranks.r_precision[name], valid))
+            columns.append((f"{direction}_map_at_r", ranks.ap_at_r[name], valid))
     if plausible is not None:
         for column, zeta in enumerate(plausible.zetas):
             name = f"{direction}_pmrp_zeta{zeta}" if plausible.labels is not None else f"{direction}_pmrp"
-            means.add(prefix, fold, name, ranks.pmrp[:, column], ranks.pmrp_valid[:, column])
+            columns.append((name, ranks.pmrp[:, column], ranks.pmrp_valid[:, column]))
+    means.add(prefix, fold, columns)
 
 
 def _collect(means: _Means, prefixes, ks, relevance_kinds, plausible) -> dict[str, float]:

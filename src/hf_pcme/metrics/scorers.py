@@ -268,24 +268,18 @@ class SampledMatchScorer(ScoreSource):
             )
         self.negative_scale = float(as_tensor(negative_scale, "negative_scale").reshape(-1)[0])
         self.shift = float(as_tensor(shift, "shift").reshape(-1)[0])
-        def generator(side: str) -> callable:
-            # different streams for images and captions, so their noise is independent
-            offset = 0 if side == "image" else 1
-            return lambda device: torch.Generator(device=device).manual_seed(2 * int(seed) + offset)
-
+        # different seeds for images and captions, so their noise is independent
         self.image_samples = self._samples(
-            image_samples, image_embeds, image_log_sigma2, num_samples, generator("image"), "image"
+            image_samples, image_embeds, image_log_sigma2, num_samples, 2 * seed, "image"
         )
-        self.text_samples = self._samples(
-            text_samples, text_embeds, text_log_sigma2, num_samples, generator("text"), "text"
-        )
+        self.text_samples = self._samples(text_samples, text_embeds, text_log_sigma2, num_samples, 2 * seed + 1, "text")
         if self.image_samples.shape[-1] != self.text_samples.shape[-1]:
             raise ValueError("image and text samples must have the same size D.")
         self.num_images = self.image_samples.shape[0]
         self.num_texts = self.text_samples.shape[0]
 
     @staticmethod
-    def _samples(samples, mean, log_sigma2, num_samples, generator, side) -> torch.Tensor:
+    def _samples(samples, mean, log_sigma2, num_samples: int, seed: int, side: str) -> torch.Tensor:
         if samples is not None:
             samples = as_tensor(samples, f"{side}_samples")
             if samples.dim() != 3:
@@ -299,7 +293,8 @@ class SampledMatchScorer(ScoreSource):
         log_sigma2 = as_tensor(log_sigma2, f"{side}_log_sigma2")
         if log_sigma2.shape != mean.shape:
             raise ValueError(f"{side}_log_sigma2 must have the shape of {side}_embeds {tuple(mean.shape)}.")
-        return sample_gaussian(mean.float(), log_sigma2.float(), num_samples, generator=generator(mean.device))
+        generator = torch.Generator(device=mean.device).manual_seed(int(seed))
+        return sample_gaussian(mean.float(), log_sigma2.float(), num_samples, generator=generator)
 
     @property
     def device(self) -> torch.device:
