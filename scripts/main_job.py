@@ -2,15 +2,16 @@
 
     python scripts/main_job.py [--output-dir runs/main_job] [--quick] [key=value ...]
 
-1. trains PCME (``configs/shapes_pcme.yaml``) and the deterministic baseline
-   (``configs/shapes_deterministic.yaml``) with the same towers, data and schedule;
-2. evaluates both on the shapes *test* split: PMRP (exact plausibility) and R@1/5/10 in both
-   directions;
+1. trains PCME (``configs/shapes_pcme.yaml``), PCME++ (``configs/shapes_pcmepp.yaml``: CSD loss
+   with pseudo-positives) and the deterministic baseline (``configs/shapes_deterministic.yaml``),
+   all with the same towers, data and schedule;
+2. evaluates them on the shapes *test* split: PMRP (exact plausibility) and R@1/5/10 in both
+   directions, each ranking by its own score;
 3. saves the PCME model with its processor and model card, reloads it with ``from_pretrained``
    and runs one retrieval through ``pipeline("cross-modal-retrieval")``;
-4. reports how the learned caption uncertainty (mean sigma^2) relates to caption vagueness (the
-   number of test images a caption is plausible for): Spearman correlation, a table per
-   specificity level, and a scatter plot saved next to the model.
+4. reports, for both probabilistic models, how the learned caption uncertainty (mean sigma^2)
+   relates to caption vagueness (the number of test images a caption is plausible for): Spearman
+   correlation, a table per specificity level, and a scatter plot saved next to each model.
 
 Trailing ``key=value`` arguments override both recipes (e.g. ``train.phase2_epochs=1``). Nothing
 here tunes the data or the metric toward a particular number: the correlation is reported with its
@@ -32,15 +33,19 @@ from transformers import AutoModel, AutoProcessor, pipeline
 
 import hf_pcme  # noqa: F401  (registers "pcme" and the pipeline)
 from hf_pcme.data import load_dataset_by_name, make_retrieval_split
-from hf_pcme.metrics import evaluate_retrieval
 from hf_pcme.training import load_recipe
-from hf_pcme.training.evaluation import encode_split
+from hf_pcme.training.evaluation import default_scorer, encode_for_scorer, retrieval_metrics
 from hf_pcme.training.trainer import train
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-RECIPES = {"pcme": REPO_ROOT / "configs/shapes_pcme.yaml", "deterministic": REPO_ROOT / "configs/shapes_deterministic.yaml"}
+RECIPES = {
+    "pcme": REPO_ROOT / "configs/shapes_pcme.yaml",
+    "pcme++": REPO_ROOT / "configs/shapes_pcmepp.yaml",
+    "deterministic": REPO_ROOT / "configs/shapes_deterministic.yaml",
+}
 QUICK_OVERRIDES = ["data.options.num_images=300", "data.options.num_eval_images=60", "train.phase2_epochs=1",
                    "eval.max_images=60"]
+PROBABILISTIC = ("pcme", "pcme++")
 TABLE_KEYS = ("i2t_pmrp", "t2i_pmrp", "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum")
 LEVEL_NAMES = {0: "exact", 1: "all shapes, no positions", 2: "kind + colour", 3: "one attribute", 4: "some shapes"}
 
@@ -53,39 +58,48 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-@torch.no_grad()
-def evaluate_on_test(model, processor, test_view, recipe, accelerator: Accelerator) -> tuple[dict, hf_pcme.ProbabilisticEmbedding]:
-    """Test-split metrics of one model, and its caption embeddings (for the uncertainty analysis)."""
-    model.eval()
-    image_embeds, text_embeds = encode_split(model, processor, test_view, recipe.eval.batch_size, accelerator)
-    scores = model.pairwise_logits(image_embeds, text_embeds)
-    metrics = evaluate_retrieval(scores=scores, text_to_image=test_view.text_to_image, plausibility=test_view.plausibility)
-    return {"metrics": metrics, "scores": scores}, text_embeds
+def evaluate_on_test(model, processor, test_view, recipe, accelerator: Accelerator) -> dict:
+    """Test-split metrics of one model (ranked by its own score), its embeddings, and per-level results."""
+    scorer = default_scorer(model)
+    images, texts = encode_for_scorer(model, processor, test_view, accelerator, scorer=scorer,
+                                      batch_size=recipe.eval.batch_size, num_samples=recipe.eval.num_samples)
+    metrics = retrieval_metrics(model, test_view, images, texts, scorer=scorer, seed=recipe.seed)
+    levels = {
+        int(level): retrieval_metrics(model, test_view, images, texts, scorer=scorer, seed=recipe.seed,
+                                      caption_rows=np.flatnonzero(test_view.caption_specificity == level))
+        for level in sorted(set(test_view.caption_specificity.tolist()))
+    }
+    caption_variance = None if texts.log_sigma2 is None else texts.log_sigma2.exp().mean(-1).cpu().numpy()
+    return {"metrics": metrics, "levels": levels, "caption_variance": caption_variance, "scorer": scorer}
 
 
-def level_report(scores: torch.Tensor, test_view, caption_variance: np.ndarray, vagueness: np.ndarray) -> list[dict]:
-    """Per caption-specificity level: captions, mean sigma^2, mean #plausible images, caption->image PMRP."""
+def uncertainty_report(name: str, result: dict, test_view, vagueness: np.ndarray, model_dir: Path) -> dict:
+    """Spearman(caption sigma^2, vagueness), a per-level table, and the scatter plot of one probabilistic model."""
+    variance = result["caption_variance"]
+    rho, p_value = spearmanr(variance, vagueness)
+    direction = "LARGER" if rho > 0 else "SMALLER"
+    print(f"\n{name}: caption uncertainty vs vagueness (plausible test images per caption)")
+    print(f"  Spearman rho = {rho:+.3f} (p = {max(p_value, 1e-300):.2g}, n = {len(vagueness)}): "
+          f"vaguer captions get {direction} sigma^2")
+    print(f"  {'level':<6}{'specificity':<27}{'captions':>9}{'mean sigma^2':>14}{'plausible imgs':>16}{'t2i PMRP':>10}")
     rows = []
-    levels = test_view.caption_specificity
-    for level in sorted(set(levels.tolist())):
-        columns = np.flatnonzero(levels == level)
-        subset = evaluate_retrieval(
-            scores=scores[:, torch.as_tensor(columns)],
-            text_to_image=test_view.text_to_image[columns],
-            plausibility=test_view.plausibility(np.arange(test_view.num_images), columns),
-        )
-        rows.append({
-            "level": int(level),
-            "description": LEVEL_NAMES.get(int(level), ""),
-            "captions": int(len(columns)),
-            "mean_sigma2": float(caption_variance[columns].mean()) if caption_variance is not None else None,
-            "mean_plausible_images": float(vagueness[columns].mean()),
-            "t2i_pmrp": subset["t2i_pmrp"],
-        })
-    return rows
+    for level, metrics in result["levels"].items():
+        chosen = test_view.caption_specificity == level
+        row = {"level": level, "description": LEVEL_NAMES.get(level, ""), "captions": int(chosen.sum()),
+               "mean_sigma2": float(variance[chosen].mean()), "mean_plausible_images": float(vagueness[chosen].mean()),
+               "t2i_pmrp": metrics["t2i_pmrp"]}
+        rows.append(row)
+        print(f"  {level:<6}{row['description']:<27}{row['captions']:>9}{row['mean_sigma2']:>14.4g}"
+              f"{row['mean_plausible_images']:>16.1f}{row['t2i_pmrp']:>10.2f}")
+    plot_path = model_dir / "uncertainty_vs_vagueness.png"
+    save_plot(plot_path, name, variance, vagueness, test_view.caption_specificity, float(rho))
+    print(f"  plot: {plot_path}")
+    return {"spearman_rho": float(rho), "p_value": float(p_value), "n": int(len(vagueness)), "levels": rows,
+            "plot": str(plot_path)}
 
 
-def save_plot(path: Path, caption_variance: np.ndarray, vagueness: np.ndarray, levels: np.ndarray, rho: float) -> None:
+def save_plot(path: Path, name: str, caption_variance: np.ndarray, vagueness: np.ndarray, levels: np.ndarray,
+              rho: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,7 +112,7 @@ def save_plot(path: Path, caption_variance: np.ndarray, vagueness: np.ndarray, l
     axis.set_xscale("log")
     axis.set_xlabel("plausible test images per caption (vagueness)")
     axis.set_ylabel("caption uncertainty: mean sigma^2")
-    axis.set_title(f"PCME on shapes: Spearman rho = {rho:+.3f}")
+    axis.set_title(f"{name} on shapes: Spearman rho = {rho:+.3f}")
     axis.legend(fontsize=7, markerscale=2)
     figure.tight_layout()
     figure.savefig(path)
@@ -133,34 +147,23 @@ def main() -> None:
     test_view = make_retrieval_split(test_split)
     vagueness = test_view.plausibility.plausible_images_per_caption()
     print(f"\n=== evaluating on the shapes test split: {test_view.num_images} images, {test_view.num_captions} captions ===")
-    caption_embeds = {}
     for name, (result, recipe) in trained.items():
-        results[name], caption_embeds[name] = evaluate_on_test(result.model, result.processor, test_view, recipe, accelerator)
+        results[name] = evaluate_on_test(result.model, result.processor, test_view, recipe, accelerator)
     print_table(results)
 
-    pcme_dir = trained["pcme"][0].output_dir
-    caption_variance = caption_embeds["pcme"].log_sigma2.exp().mean(-1).cpu().numpy()
-    rho, p_value = spearmanr(caption_variance, vagueness)
-    levels = test_view.caption_specificity
-    rows = level_report(results["pcme"]["scores"], test_view, caption_variance, vagueness)
-    baseline_rows = level_report(results["deterministic"]["scores"], test_view, None, vagueness)
-
-    print("\nPCME caption uncertainty vs vagueness (plausible test images per caption):")
-    print(f"  Spearman rho = {rho:+.3f} (p = {p_value:.2g}, n = {len(vagueness)}); "
-          f"{'vaguer captions get LARGER' if rho > 0 else 'vaguer captions get SMALLER'} sigma^2")
-    print(f"\n{'level':<6}{'specificity':<27}{'captions':>9}{'mean sigma^2':>14}{'plausible imgs':>16}"
-          f"{'t2i PMRP pcme':>15}{'t2i PMRP det':>14}")
-    for row, baseline in zip(rows, baseline_rows):
-        print(f"{row['level']:<6}{row['description']:<27}{row['captions']:>9}{row['mean_sigma2']:>14.4g}"
-              f"{row['mean_plausible_images']:>16.1f}{row['t2i_pmrp']:>15.2f}{baseline['t2i_pmrp']:>14.2f}")
+    uncertainty = {
+        name: uncertainty_report(name, results[name], test_view, vagueness, trained[name][0].output_dir)
+        for name in PROBABILISTIC
+    }
+    print("\ncaption -> image PMRP per specificity level")
+    print(f"  {'level':<6}" + "".join(f"{name:>15}" for name in results))
+    for level in results["deterministic"]["levels"]:
+        print(f"  {level:<6}" + "".join(f"{results[name]['levels'][level]['t2i_pmrp']:>15.2f}" for name in results))
     pmrp = {name: (values["metrics"]["i2t_pmrp"] + values["metrics"]["t2i_pmrp"]) / 2 for name, values in results.items()}
-    print(f"\nPMRP (mean of both directions): PCME {pmrp['pcme']:.2f} vs deterministic {pmrp['deterministic']:.2f} "
-          f"({pmrp['pcme'] - pmrp['deterministic']:+.2f})")
+    print("\nPMRP (mean of both directions): " + ", ".join(f"{name} {value:.2f}" for name, value in pmrp.items())
+          + f"; PCME - deterministic = {pmrp['pcme'] - pmrp['deterministic']:+.2f}")
 
-    plot_path = pcme_dir / "uncertainty_vs_vagueness.png"
-    save_plot(plot_path, caption_variance, vagueness, levels, float(rho))
-    print(f"plot: {plot_path}")
-
+    pcme_dir = trained["pcme"][0].output_dir
     print(f"\n=== reloading {pcme_dir} with from_pretrained and retrieving with the pipeline ===")
     model = AutoModel.from_pretrained(pcme_dir)
     processor = AutoProcessor.from_pretrained(pcme_dir)
@@ -172,13 +175,15 @@ def main() -> None:
     truth = [c for c, row in zip(test_view.captions["caption"], test_view.text_to_image) if row == query_row]
     print(f"query: test image {query_row}, described as: {truth[0]!r}; query uncertainty {answer['query_uncertainty']:.4g}")
     for rank, item in enumerate(answer["results"], start=1):
-        print(f"  {rank}. p(match) = {item['match_probability']:.3f}  sigma^2 = {item['uncertainty']:.4g}  {item['text']}")
+        print(f"  {rank}. score {item['score']:+.3f}  p(match) = {item['match_probability']:.3f}  "
+              f"sigma^2 = {item['uncertainty']:.4g}  {item['text']}")
 
     summary = {
         "metrics": {name: values["metrics"] for name, values in results.items()},
-        "spearman_uncertainty_vs_vagueness": {"rho": float(rho), "p_value": float(p_value), "n": int(len(vagueness))},
-        "levels_pcme": rows,
-        "levels_deterministic": baseline_rows,
+        "scorers": {name: values["scorer"] for name, values in results.items()},
+        "per_level_t2i_pmrp": {name: {level: m["t2i_pmrp"] for level, m in values["levels"].items()}
+                               for name, values in results.items()},
+        "uncertainty_vs_vagueness": uncertainty,
         "quick": args.quick,
         "seconds": time.perf_counter() - started,
     }

@@ -1,0 +1,50 @@
+"""The main job end to end in its --quick mode: train three models, evaluate, save, reload, retrieve, report."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("main_job")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(output_dir / "datasets_cache"))
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "main_job.py"), "--quick", "--output-dir", str(output_dir)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return output_dir, result.stdout
+
+
+def test_reports_every_model_and_the_correlation(quick_run):
+    output_dir, stdout = quick_run
+    summary = json.loads((output_dir / "results.json").read_text())
+    assert set(summary["metrics"]) == {"pcme", "pcme++", "deterministic"}
+    for metrics in summary["metrics"].values():
+        for key in ("i2t_pmrp", "t2i_pmrp", "i2t_R@1", "t2i_R@10"):
+            assert 0.0 <= metrics[key] <= 100.0
+        assert metrics["rsum"] == pytest.approx(sum(metrics[f"{d}_R@{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)))
+    for name in ("pcme", "pcme++"):
+        report = summary["uncertainty_vs_vagueness"][name]
+        assert -1.0 <= report["spearman_rho"] <= 1.0
+        assert [row["level"] for row in report["levels"]] == [0, 1, 2, 3, 4]
+        # "some shapes" fits every test image; exact captions fit few.
+        assert report["levels"][4]["mean_plausible_images"] == 60.0
+        assert report["levels"][0]["mean_plausible_images"] < report["levels"][4]["mean_plausible_images"]
+        assert Path(report["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"Spearman rho = {report['spearman_rho']:+.3f}" in stdout
+    assert "reloading" in stdout and "p(match)" in stdout
+
+
+def test_saves_the_pcme_model_with_its_card(quick_run):
+    output_dir, _ = quick_run
+    folder = output_dir / "pcme"
+    assert {"config.json", "model.safetensors", "README.md", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
+    assert "model-index" in (folder / "README.md").read_text()
