@@ -33,20 +33,11 @@ import torch
 
 from hf_pcme.distances import pairwise_csd
 from hf_pcme.index import CrossModalIndex
+from _memory import available_memory  # benchmarks/ is on sys.path when run as a script
 
 GIB = 1024**3
 
 
-def available_memory() -> int:
-    """MemAvailable from /proc/meminfo (bytes); a large number where it cannot be read."""
-    try:
-        with open("/proc/meminfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 62
 
 
 def random_corpus(num_items: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -39,6 +39,7 @@ import sys
 import time
 
 import torch
+from _memory import available_memory  # benchmarks/ is on sys.path when run as a script
 
 GIB = 1024**3
 MIB = 1024**2
@@ -180,15 +181,6 @@ def run_in_subprocess(spec: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- driver
-def available_memory() -> int:
-    try:
-        with open("/proc/meminfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 62
 
 
 def naive_skip_reason(batch: int, num_samples: int, dim: int, args) -> str | None:
