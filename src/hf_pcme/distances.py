@@ -348,3 +348,62 @@ def chunked_pairwise(
     num_rows = xs[0].shape[0]
     for rows in iter_row_chunks(num_rows, chunk_size):
         yield rows, fn(*(x[rows] for x in xs), *ys)
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact CSD ranking as an inner product (PCME++; REFERENCE.md section 2)
+# ---------------------------------------------------------------------------------------------
+#: Rows of search vectors filled at once (bounds the temporaries of the augmentation).
+SEARCH_VECTOR_CHUNK_ROWS = 65536
+
+
+def as_embedding_rows(mean: torch.Tensor, name: str) -> torch.Tensor:
+    """``(N, D)`` or ``(N, K, D)`` -> float32 ``(N, K, D)``."""
+    if mean.dim() == 2:
+        mean = mean.unsqueeze(1)
+    if mean.dim() != 3:
+        raise ValueError(f"{name} must be (N, D) or (N, K, D) (K embeddings per item), got {tuple(mean.shape)}.")
+    return mean.float()
+
+
+def _variance_sum(mean: torch.Tensor, log_sigma2: torch.Tensor | None) -> torch.Tensor:
+    """``sum_d sigma^2`` per embedding, shape ``(N, K)``; 0 for point embeddings."""
+    if log_sigma2 is None:
+        return mean.new_zeros(mean.shape[:2])
+    return log_sigma2.float().exp().sum(-1, keepdim=True).expand(mean.shape[:2])
+
+
+def item_search_vectors(mean: torch.Tensor, log_sigma2: torch.Tensor | None, metric: str) -> torch.Tensor:
+    """Item side of the inner-product search, float32 ``(N, K, D')``.
+
+    cosine: ``mu / |mu|`` (D' = D). csd: ``[2 mu, -(|mu|^2 + sum sigma^2)]`` (D' = D + 1).
+    Filled block by block, so the only large allocation is the result (no N x D temporaries).
+    """
+    mean = as_embedding_rows(mean, "mean")
+    out = torch.empty(*mean.shape[:2], mean.shape[-1] + (metric == "csd"), dtype=torch.float32, device=mean.device)
+    for rows in iter_row_chunks(mean.shape[0], SEARCH_VECTOR_CHUNK_ROWS):
+        out[rows] = _item_vectors_block(mean[rows], log_sigma2[rows] if log_sigma2 is not None else None, metric)
+    return out
+
+
+def _item_vectors_block(mean: torch.Tensor, log_sigma2: torch.Tensor | None, metric: str) -> torch.Tensor:
+    mean = mean.float()
+    if metric == "cosine":
+        return F.normalize(mean, dim=-1)
+    offset = mean.pow(2).sum(-1) + _variance_sum(mean, log_sigma2)
+    return torch.cat([2.0 * mean, -offset.unsqueeze(-1)], dim=-1)
+
+
+def query_search_vectors(
+    mean: torch.Tensor, log_sigma2: torch.Tensor | None, metric: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query side: vectors ``(Q, K, D')`` and offsets ``(Q, K)`` with ``score = q . k - offset``.
+
+    cosine: ``(mu / |mu|, 0)``, so the score is the cosine. csd: ``([mu, 1], |mu|^2 + sum sigma^2)``,
+    so the score is ``-d(v, t)`` exactly (REFERENCE.md, section 2).
+    """
+    mean = as_embedding_rows(mean, "query_mean")
+    if metric == "cosine":
+        return F.normalize(mean, dim=-1), mean.new_zeros(mean.shape[:2])
+    offset = mean.pow(2).sum(-1) + _variance_sum(mean, log_sigma2)
+    return torch.cat([mean, torch.ones_like(mean[..., :1])], dim=-1), offset

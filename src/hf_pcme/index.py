@@ -40,11 +40,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .distances import chunked_pairwise, iter_row_chunks
+from .distances import (
+    as_embedding_rows,
+    chunked_pairwise,
+    item_search_vectors,
+    iter_row_chunks,
+    query_search_vectors,
+)
 from .outputs import ProbabilisticEmbedding
 
 try:  # optional: the torch back end works without it (extra `hf_pcme[faiss]`)
@@ -125,59 +130,6 @@ def default_metric(model: torch.nn.Module) -> str:
     if getattr(config, "head_type", None) == "probabilistic" and getattr(config, "match_function", None) == "csd":
         return "csd"
     return "cosine"
-
-
-# ---------------------------------------------------------------------------- augmented vectors
-def _as_rows(mean: torch.Tensor, name: str) -> torch.Tensor:
-    """``(N, D)`` or ``(N, K, D)`` -> float32 ``(N, K, D)``."""
-    if mean.dim() == 2:
-        mean = mean.unsqueeze(1)
-    if mean.dim() != 3:
-        raise ValueError(f"{name} must be (N, D) or (N, K, D) (K embeddings per item), got {tuple(mean.shape)}.")
-    return mean.float()
-
-
-def _variance_sum(mean: torch.Tensor, log_sigma2: torch.Tensor | None) -> torch.Tensor:
-    """``sum_d sigma^2`` per embedding, shape ``(N, K)``; 0 for point embeddings."""
-    if log_sigma2 is None:
-        return mean.new_zeros(mean.shape[:2])
-    return log_sigma2.float().exp().sum(-1, keepdim=True).expand(mean.shape[:2])
-
-
-def item_search_vectors(mean: torch.Tensor, log_sigma2: torch.Tensor | None, metric: str) -> torch.Tensor:
-    """Item side of the inner-product search, float32 ``(N, K, D')``.
-
-    cosine: ``mu / |mu|`` (D' = D). csd: ``[2 mu, -(|mu|^2 + sum sigma^2)]`` (D' = D + 1).
-    Filled block by block, so the only large allocation is the result (no N x D temporaries).
-    """
-    mean = _as_rows(mean, "mean")
-    out = torch.empty(*mean.shape[:2], mean.shape[-1] + (metric == "csd"), dtype=torch.float32, device=mean.device)
-    for rows in iter_row_chunks(mean.shape[0], BUILD_CHUNK_ROWS):
-        out[rows] = _item_vectors_block(mean[rows], log_sigma2[rows] if log_sigma2 is not None else None, metric)
-    return out
-
-
-def _item_vectors_block(mean: torch.Tensor, log_sigma2: torch.Tensor | None, metric: str) -> torch.Tensor:
-    mean = mean.float()
-    if metric == "cosine":
-        return F.normalize(mean, dim=-1)
-    offset = mean.pow(2).sum(-1) + _variance_sum(mean, log_sigma2)
-    return torch.cat([2.0 * mean, -offset.unsqueeze(-1)], dim=-1)
-
-
-def query_search_vectors(
-    mean: torch.Tensor, log_sigma2: torch.Tensor | None, metric: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Query side: vectors ``(Q, K, D')`` and offsets ``(Q, K)`` with ``score = q . k - offset``.
-
-    cosine: ``(mu / |mu|, 0)``, so the score is the cosine. csd: ``([mu, 1], |mu|^2 + sum sigma^2)``,
-    so the score is ``-d(v, t)`` exactly (REFERENCE.md, section 2).
-    """
-    mean = _as_rows(mean, "query_mean")
-    if metric == "cosine":
-        return F.normalize(mean, dim=-1), mean.new_zeros(mean.shape[:2])
-    offset = mean.pow(2).sum(-1) + _variance_sum(mean, log_sigma2)
-    return torch.cat([mean, torch.ones_like(mean[..., :1])], dim=-1), offset
 
 
 def _means_from_search_vectors(vectors: torch.Tensor, metric: str) -> torch.Tensor:
@@ -807,11 +759,11 @@ def _build_faiss_index(
     Vectors are made and added block by block: the index's own storage is the only full copy.
     """
     faiss_module = require_faiss()
-    mean = _as_rows(mean, "mean")
+    mean = as_embedding_rows(mean, "mean")
     num_items, num_embeds, dim = mean.shape[0], mean.shape[1], mean.shape[2] + (metric == "csd")
 
     def block(rows: slice | torch.Tensor) -> Any:
-        vectors = _item_vectors_block(mean[rows], log_sigma2[rows] if log_sigma2 is not None else None, metric)
+        vectors = item_search_vectors(mean[rows], log_sigma2[rows] if log_sigma2 is not None else None, metric)
         return vectors.reshape(-1, dim).contiguous().numpy()
 
     if index_type == "flat":

@@ -11,7 +11,7 @@ Scorers (``SCORERS``, chosen by name):
 - ``"cosine"``: cosine of the means ``mu_v . mu_t / (|mu_v| |mu_t|)``.
 - ``"csd"``: minus the closed-form sampled distance of PCME++ (Chun, ICLR 2024),
   ``-(||mu_v - mu_t||^2 + sum sigma_v^2 + sum sigma_t^2)``, computed as one matrix product of
-  augmented vectors (``hf_pcme.index.query_search_vectors`` / ``item_search_vectors``).
+  augmented vectors (``hf_pcme.distances.query_search_vectors`` / ``item_search_vectors``).
 - ``"sampled"``: ``log p(match)``, PCME's Monte-Carlo match probability over ``J x J`` sample
   pairs (Chun et al., CVPR 2021; ``hf_pcme.distances.pairwise_sampled_match_log_prob``), which
   ranks exactly like ``p``. Needs the model's ``negative_scale`` (a) and ``shift`` (b).
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..distances import pairwise_sampled_match_log_prob, sample_gaussian
-from ..index import item_search_vectors, query_search_vectors
+from ..distances import item_search_vectors, query_search_vectors
 from ..registry import lookup
 
 
