@@ -51,6 +51,7 @@ from .distances import (
     query_search_vectors,
 )
 from .outputs import ProbabilisticEmbedding
+from .registry import check_choice
 
 try:  # optional: the torch back end works without it (extra `hf_pcme[faiss]`)
     import faiss
@@ -87,11 +88,6 @@ def require_faiss() -> Any:
             "(or `pip install faiss-cpu`). The exact torch back end (backend='torch') works without it."
         )
     return faiss
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"Unknown {name} {value!r}; valid choices are: {', '.join(choices)}.")
 
 
 # ---------------------------------------------------------------------------- model identity
@@ -271,10 +267,10 @@ class CrossModalIndex:
             chunk_size: items scored per block by the torch back end (default: automatic,
                 bounded to 64 MiB of scores).
         """
-        _check_choice("modality", modality, MODALITIES)
-        _check_choice("metric", metric, METRICS)
-        _check_choice("backend", backend, BACKENDS)
-        _check_choice("faiss_index_type", faiss_index_type, FAISS_INDEX_TYPES)
+        check_choice(modality, MODALITIES, "modality")
+        check_choice(metric, METRICS, "metric")
+        check_choice(backend, BACKENDS, "backend")
+        check_choice(faiss_index_type, FAISS_INDEX_TYPES, "faiss_index_type")
         if not isinstance(mean, torch.Tensor):
             raise TypeError(f"mean must be a torch.Tensor, got {type(mean).__name__}.")
         if mean.dim() not in (2, 3):
@@ -373,7 +369,7 @@ class CrossModalIndex:
         if not corpus:
             raise ValueError("The corpus is empty: give at least one caption or image to index.")
         modality = infer_modality(corpus, "corpus") if modality is None else modality
-        _check_choice("modality", modality, MODALITIES)
+        check_choice(modality, MODALITIES, "modality")
         if ids is None and modality == "image" and all(isinstance(item, (str, Path)) for item in corpus):
             ids = [str(item) for item in corpus]
         texts = [str(t) for t in corpus] if modality == "text" else None
@@ -654,7 +650,7 @@ class CrossModalIndex:
         tensors = load_file(str(directory / EMBEDDINGS_NAME)) if (directory / EMBEDDINGS_NAME).is_file() else {}
         saved_backend = config["backend"]
         backend = backend or saved_backend
-        _check_choice("backend", backend, BACKENDS)
+        check_choice(backend, BACKENDS, "backend")
         nprobe = nprobe if nprobe is not None else config["nprobe"]
         common = dict(
             ids=names["ids"],

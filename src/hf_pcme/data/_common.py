@@ -13,17 +13,12 @@ import datasets
 import numpy as np
 import pyarrow as pa
 
+from hf_pcme.registry import check_choice
+
 logger = logging.getLogger("hf_pcme.data")
 
 MISSING_IMAGE_POLICIES = ("error", "skip", "unchecked")
 ROWS_PER_ARROW_BATCH = 1000
-
-
-def check_choice(value: str, choices: Iterable[str], argument: str) -> str:
-    choices = tuple(choices)
-    if value not in choices:
-        raise ValueError(f"`{argument}` must be one of {', '.join(map(repr, choices))}; got {value!r}.")
-    return value
 
 
 def require_dir(path: str | os.PathLike, what: str, layout: str) -> Path:

@@ -44,7 +44,6 @@ from hf_pcme.data._common import (
     ArrowBatcher,
     MissingFileCounter,
     build_with_cache,
-    check_choice,
     code_hash,
     file_signature,
     logger,
@@ -52,6 +51,7 @@ from hf_pcme.data._common import (
     require_file,
 )
 from hf_pcme.data._json_stream import MalformedJSONError, iter_json_object
+from hf_pcme.registry import check_choice
 
 NUM_COCO_CATEGORIES = 80
 SPLITS = {"train": ("train", "restval"), "val": ("val",), "test": ("test",)}

@@ -32,12 +32,12 @@ from hf_pcme.data._common import (
     ArrowBatcher,
     MissingFileCounter,
     build_with_cache,
-    check_choice,
     code_hash,
     file_signature,
     require_dir,
     require_file,
 )
+from hf_pcme.registry import check_choice
 
 SPLIT_FILES = {"train": "trainvalclasses.txt", "test": "testclasses.txt"}
 MAX_CAPTIONS_PER_IMAGE = 100

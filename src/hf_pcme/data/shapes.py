@@ -53,7 +53,8 @@ import datasets
 import numpy as np
 from PIL import Image, ImageDraw
 
-from hf_pcme.data._common import ArrowBatcher, build_with_cache, check_choice, code_hash
+from hf_pcme.data._common import ArrowBatcher, build_with_cache, code_hash
+from hf_pcme.registry import check_choice
 
 KINDS = ("circle", "square", "triangle")
 COLOURS = ("red", "green", "blue", "yellow")
