@@ -299,29 +299,32 @@ class PCMEModel(PCMEPreTrainedModel):
         sample: its mean; a polysemous item's K embeddings act as its samples).
         ``match_function="csd"`` (PCME++): ``p = sigmoid(-a CSD(v, t) + b)``.
         """
-        return self._pairwise(image_embeds, text_embeds, want="prob")
+        return self._pairwise(image_embeds, text_embeds)[1]
 
     def pairwise_logits(self, image_embeds: ProbabilisticEmbedding, text_embeds: ProbabilisticEmbedding) -> torch.Tensor:
         """Ranking scores ``(N_img, N_txt)``, higher = better: the log match probability for probabilistic
         heads (sampled or CSD, by ``config.match_function``), the cosine of the means for deterministic heads,
         and the best cosine over the K x K embedding pairs for polysemous heads (PVSE)."""
-        return self._pairwise(image_embeds, text_embeds, want="logits")
+        return self._pairwise(image_embeds, text_embeds)[0]
 
-    def _pairwise(self, image: ProbabilisticEmbedding, text: ProbabilisticEmbedding, want: str) -> torch.Tensor:
-        blocks = []
+    def _pairwise(self, image: ProbabilisticEmbedding, text: ProbabilisticEmbedding) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits, match probabilities)``, both ``(N_img, N_txt)``, from one pass over row chunks."""
+        logits, probabilities = [], []
         for rows in iter_row_chunks(image.mean.shape[0], PAIRWISE_CHUNK_SIZE):
-            blocks.append(self._pairwise_block(_slice_embedding(image, rows), text, want))
-        return torch.cat(blocks, dim=0)
+            block_logits, block_probabilities = self._pairwise_block(image.select(rows), text)
+            logits.append(block_logits)
+            probabilities.append(block_probabilities)
+        return torch.cat(logits, dim=0), torch.cat(probabilities, dim=0)
 
-    def _pairwise_block(self, image: ProbabilisticEmbedding, text: ProbabilisticEmbedding, want: str) -> torch.Tensor:
+    def _pairwise_block(self, image: ProbabilisticEmbedding, text: ProbabilisticEmbedding) -> tuple[torch.Tensor, torch.Tensor]:
         a, b = self.negative_scale.float(), self.shift.float()
-        if want == "logits" and image.log_sigma2 is None:
-            return _max_cosine(image.mean, text.mean)
         if self.config.match_function == "csd" and image.log_sigma2 is not None and text.log_sigma2 is not None:
             logits = -a * pairwise_csd(image.mean, image.log_sigma2, text.mean, text.log_sigma2) + b
-            return torch.sigmoid(logits) if want == "prob" else torch.nn.functional.logsigmoid(logits)
+            return torch.nn.functional.logsigmoid(logits), torch.sigmoid(logits)
         log_p, _ = pairwise_sampled_match_log_prob(_as_samples(image), _as_samples(text), a, b)
-        return log_p.exp() if want == "prob" else log_p
+        if image.log_sigma2 is None:  # point embeddings rank by cosine; p treats them as zero-variance Gaussians
+            return _max_cosine(image.mean, text.mean), log_p.exp()
+        return log_p, log_p.exp()
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -345,9 +348,7 @@ class PCMEModel(PCMEPreTrainedModel):
         """
         image_embeds = self.get_image_features(pixel_values, num_samples=num_samples)
         text_embeds = self.get_text_features(input_ids, attention_mask, num_samples=num_samples, **text_kwargs)
-        logits = self.pairwise_logits(image_embeds, text_embeds)
-        with torch.no_grad():
-            match_prob = self.match_probability(image_embeds, text_embeds)
+        logits, match_prob = self._pairwise(image_embeds, text_embeds)
         loss = components = None
         if return_loss:
             loss_output = self.compute_loss(image_embeds, text_embeds, positive_mask=positive_mask, labels=labels)
@@ -357,7 +358,7 @@ class PCMEModel(PCMEPreTrainedModel):
             loss_components=components,
             logits_per_image=logits,
             logits_per_text=logits.t(),
-            match_prob=match_prob,
+            match_prob=match_prob.detach(),
             image_embeds=image_embeds,
             text_embeds=text_embeds,
         )
@@ -393,10 +394,6 @@ def load_pretrained_tower(name_or_path: str | os.PathLike, **kwargs: Any) -> Pre
         if model_type in BUILTIN_TOWERS:
             return BUILTIN_TOWERS[model_type].from_pretrained(name_or_path, **kwargs)
     return AutoModel.from_pretrained(name_or_path, **kwargs)
-
-
-def _slice_embedding(embedding: ProbabilisticEmbedding, rows: slice) -> ProbabilisticEmbedding:
-    return ProbabilisticEmbedding(**{k: (v[rows] if v is not None else None) for k, v in embedding.items()})
 
 
 def _as_samples(embedding: ProbabilisticEmbedding) -> torch.Tensor:

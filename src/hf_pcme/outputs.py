@@ -32,6 +32,10 @@ class ProbabilisticEmbedding(ModelOutput):
     samples: torch.FloatTensor | None = None
     attention: torch.FloatTensor | None = None
 
+    def select(self, rows: slice | torch.Tensor) -> "ProbabilisticEmbedding":
+        """The embeddings of ``rows`` (a slice or an index tensor) of the batch, every field alike."""
+        return ProbabilisticEmbedding(**{key: value[rows] for key, value in self.items()})
+
     @property
     def uncertainty(self) -> torch.FloatTensor | None:
         """Per-item uncertainty: the mean of sigma^2 over the D dimensions, shape ``(B,)``.

@@ -113,9 +113,7 @@ def retrieval_metrics(
     plausibility = view.plausibility
     if caption_rows is not None:
         caption_rows = np.asarray(caption_rows, dtype=np.int64)
-        text_embeds = ProbabilisticEmbedding(
-            **{key: value[torch.as_tensor(caption_rows, device=value.device)] for key, value in text_embeds.items()}
-        )
+        text_embeds = text_embeds.select(torch.as_tensor(caption_rows, device=text_embeds.mean.device))
         text_to_image = text_to_image[caption_rows]
         if plausibility is not None:
             plausibility = plausibility(np.arange(view.num_images), caption_rows)
