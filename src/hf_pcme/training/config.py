@@ -97,7 +97,9 @@ class DataRecipe:
     ``name`` is passed to ``hf_pcme.data.load_dataset_by_name`` with ``data_dir`` and
     ``options`` (dataset-specific keyword arguments, e.g. the sizes of the generated shapes set).
     ``sampler``: ``random`` (shuffled pairs) or ``class_balanced`` (CUB: one caption per class
-    in a batch, as in PCME).
+    in a batch, as in PCME). Without ``augment``, ``cache_pixel_values`` processes each distinct
+    training image once and keeps the tensors in memory (in each process) when they take at most
+    ``pixel_cache_max_gb``; otherwise images are decoded and processed for every batch.
     """
 
     name: str = "shapes"
@@ -109,6 +111,8 @@ class DataRecipe:
     augment: bool = True
     num_workers: int = 0
     sampler: Literal["random", "class_balanced"] = "random"
+    cache_pixel_values: bool = True
+    pixel_cache_max_gb: float = 2.0
 
 
 @dataclass
@@ -316,6 +320,7 @@ def _validate_values(recipe: Recipe) -> None:
         "train.phase2_epochs": recipe.train.phase2_epochs,
         "train.eval_every": recipe.train.eval_every,
         "data.num_workers": recipe.data.num_workers,
+        "data.pixel_cache_max_gb": recipe.data.pixel_cache_max_gb,
     }
     for key in ("phase1_steps", "phase2_steps", "max_steps", "stop_after_steps"):
         if getattr(recipe.train, key) is not None:

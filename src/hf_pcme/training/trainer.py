@@ -210,7 +210,9 @@ class Trainer:
         captions = train_split.select_columns(["caption"])["caption"] if needs_captions else None
         self.processor = build_processor(recipe, captions)
         self.model = build_model(recipe, self.processor.tokenizer)
-        self.train_rows = make_training_rows(recipe, train_split, self.processor)
+        self.train_rows = make_training_rows(
+            recipe, train_split, self.processor, progress=accelerator.is_local_main_process
+        )
         from ..data import RetrievalCollator
 
         self.collator = RetrievalCollator(self.processor, max_length=recipe.model.max_caption_length)
