@@ -15,6 +15,7 @@ from hf_pcme.distances import (
     pairwise_squared_l2,
     sample_gaussian,
     sampled_match_logits,
+    score_vectors,
 )
 
 
@@ -78,6 +79,34 @@ def test_pairwise_csd_equals_bruteforce():
                 for d in range(4)
             )
     torch.testing.assert_close(pairwise_csd(mean_x, log_sigma2_x, mean_y, log_sigma2_y), expected)
+
+
+def test_score_vectors_inner_products_are_minus_csd_in_both_directions():
+    mean_v, mean_t = _randn(3, 4, seed=1), _randn(5, 4, seed=2)
+    log_sigma2_v, log_sigma2_t = _randn(3, 4, seed=3), _randn(5, 4, seed=4)
+    left = score_vectors(mean_v, log_sigma2_v, "csd", "left").squeeze(1).double()
+    right = score_vectors(mean_t, log_sigma2_t, "csd", "right").squeeze(1).double()
+    assert left.shape == (3, 6) and right.shape == (5, 6)  # D + 2
+    for i in range(3):
+        for j in range(5):
+            csd = sum(
+                (float(mean_v[i, d]) - float(mean_t[j, d])) ** 2
+                + math.exp(float(log_sigma2_v[i, d])) + math.exp(float(log_sigma2_t[j, d]))
+                for d in range(4)
+            )
+            assert float(left[i] @ right[j]) == pytest.approx(-csd, rel=1e-5)
+            # t2i uses the same two matrices, transposed: same value
+            assert float((right @ left.t())[j, i]) == pytest.approx(-csd, rel=1e-5)
+
+
+def test_score_vectors_for_cosine_are_unit_means_on_both_sides():
+    mean = _randn(4, 2, 3, seed=5)  # K = 2 embeddings per item
+    for side in ("left", "right"):
+        vectors = score_vectors(mean, None, "cosine", side)
+        assert vectors.shape == (4, 2, 3) and vectors.dtype == torch.float32
+        torch.testing.assert_close(vectors.double(), mean / mean.norm(dim=-1, keepdim=True), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="side"):
+        score_vectors(mean, None, "cosine", "query")
 
 
 def test_sampled_log_probs_equal_double_loop_over_samples():

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -392,6 +393,40 @@ def _item_vectors_block(mean: torch.Tensor, log_sigma2: torch.Tensor | None, met
         return F.normalize(mean, dim=-1)
     offset = mean.pow(2).sum(-1) + _variance_sum(mean, log_sigma2)
     return torch.cat([2.0 * mean, -offset.unsqueeze(-1)], dim=-1)
+
+
+def score_vectors(
+    mean: torch.Tensor, log_sigma2: torch.Tensor | None, metric: str, side: Literal["left", "right"]
+) -> torch.Tensor:
+    """Float32 ``(N, K, D')`` vectors whose inner products are the scores themselves, in both directions.
+
+    cosine: ``mu / |mu|`` on both sides. csd: with ``c = |mu|^2 + sum sigma^2``, ``left = [2 mu, -c, 1]``
+    and ``right = [mu, 1, -c]`` (D' = D + 2), so that for any pair
+
+        left(v) . right(t) = 2 mu_v . mu_t - c_v - c_t = -(|mu_v - mu_t|^2 + sum sigma_v^2 + sum sigma_t^2),
+
+    minus the CSD of PCME++ (REFERENCE.md, section 2). Unlike the query / item vectors of the index,
+    one pair of matrices serves both retrieval directions (``left @ right.T`` and its transpose) and
+    no per-query offset is left to subtract after the product. Filled in row blocks.
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}.")
+    mean = as_embedding_rows(mean, "mean")
+    out = torch.empty(*mean.shape[:2], mean.shape[-1] + 2 * (metric == "csd"), dtype=torch.float32, device=mean.device)
+    for rows in iter_row_chunks(mean.shape[0], SEARCH_VECTOR_CHUNK_ROWS):
+        block = mean[rows]
+        if metric == "cosine":
+            out[rows] = F.normalize(block, dim=-1)
+            continue
+        offset = block.pow(2).sum(-1) + _variance_sum(block, log_sigma2[rows] if log_sigma2 is not None else None)
+        ones = torch.ones_like(offset)
+        if side == "left":
+            out[rows, :, :-2] = 2.0 * block
+            out[rows, :, -2], out[rows, :, -1] = -offset, ones
+        else:
+            out[rows, :, :-2] = block
+            out[rows, :, -2], out[rows, :, -1] = ones, -offset
+    return out
 
 
 def query_search_vectors(

@@ -11,7 +11,7 @@ Scorers (``SCORERS``, chosen by name):
 - ``"cosine"``: cosine of the means ``mu_v . mu_t / (|mu_v| |mu_t|)``.
 - ``"csd"``: minus the closed-form sampled distance of PCME++ (Chun, ICLR 2024),
   ``-(||mu_v - mu_t||^2 + sum sigma_v^2 + sum sigma_t^2)``, computed as one matrix product of
-  augmented vectors (``hf_pcme.distances.query_search_vectors`` / ``item_search_vectors``).
+  augmented vectors (``hf_pcme.distances.score_vectors``).
 - ``"sampled"``: ``log p(match)``, PCME's Monte-Carlo match probability over ``J x J`` sample
   pairs (Chun et al., CVPR 2021; ``hf_pcme.distances.pairwise_sampled_match_log_prob``), which
   ranks exactly like ``p``. Needs the model's ``negative_scale`` (a) and ``shift`` (b).
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..distances import pairwise_sampled_match_log_prob, sample_gaussian
-from ..distances import item_search_vectors, query_search_vectors
+from ..distances import score_vectors
 from ..registry import lookup
 
 
@@ -130,10 +130,11 @@ def _means(value: Any, name: str, polysemous: bool) -> torch.Tensor:
 
 
 class InnerProductScorer(ScoreSource):
-    """Cosine, polysemous cosine or CSD: one matrix product of search vectors per block.
+    """Cosine, polysemous cosine or CSD: one matrix product per block and nothing else.
 
-    The search vectors of ``hf_pcme.index`` give ``score = q . k - offset`` exactly
-    (``offset = 0`` for the cosine); with K embeddings per item the score is the max over pairs.
+    The vectors of :func:`hf_pcme.distances.score_vectors` have the score as their inner product,
+    CSD included; they are built once, on the first block, and serve both directions. With K
+    embeddings per item the score is the max over the K x K pairs.
     """
 
     metric: str = "cosine"
@@ -157,9 +158,7 @@ class InnerProductScorer(ScoreSource):
         self.text_log_sigma2 = self._log_sigma2(text_log_sigma2, self.text_mean, "text")
         self.num_images = self.image_mean.shape[0]
         self.num_texts = self.text_mean.shape[0]
-        self._direction: str | None = None
-        self._queries: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._items: torch.Tensor | None = None
+        self._vectors: dict[str, torch.Tensor] | None = None
 
     def _log_sigma2(self, value: Any, mean: torch.Tensor, side: str) -> torch.Tensor | None:
         if self.metric != "csd":
@@ -183,34 +182,23 @@ class InnerProductScorer(ScoreSource):
         self.text_mean = self.text_mean.index_select(0, order)
         if self.text_log_sigma2 is not None:
             self.text_log_sigma2 = self.text_log_sigma2.index_select(0, order)
-        self._direction = None
-
-    def _prepare(self, direction: str) -> None:
-        # Search vectors of one direction at a time: the other direction's are freed first.
-        if self._direction == direction:
-            return
-        self._queries = self._items = None
-        images, texts = (self.image_mean, self.image_log_sigma2), (self.text_mean, self.text_log_sigma2)
-        query, item = (images, texts) if direction == "i2t" else (texts, images)
-        vectors, offsets = query_search_vectors(*query, self.metric)
-        items = item_search_vectors(*item, self.metric)
-        self._queries = (vectors, offsets)
-        self._items = items.reshape(-1, items.shape[-1])
-        self._item_embeds = items.shape[1]
-        self._direction = direction
+        self._vectors = None
 
     def _block(self, direction: str, rows: slice, out: torch.Tensor | None) -> torch.Tensor:
-        self._prepare(direction)
-        vectors, offsets = self._queries
-        query = vectors[rows]
+        if self._vectors is None:
+            self._vectors = {
+                "image": score_vectors(self.image_mean, self.image_log_sigma2, self.metric, "left"),
+                "text": score_vectors(self.text_mean, self.text_log_sigma2, self.metric, "right"),
+            }
+        query_side, item_side = ("image", "text") if direction == "i2t" else ("text", "image")
+        query, items = self._vectors[query_side][rows], self._vectors[item_side]
         num_rows, query_embeds = query.shape[:2]
-        if query_embeds > 1 or self._item_embeds > 1 or out is None or out.dtype != torch.float32:
+        item_embeds = items.shape[1]
+        if query_embeds > 1 or item_embeds > 1 or out is None or out.dtype != torch.float32:
             out = None
-        scores = torch.mm(query.reshape(num_rows * query_embeds, -1), self._items.t(), out=out)
-        if self.metric == "csd":
-            scores.sub_(offsets[rows].reshape(-1, 1))
-        if query_embeds > 1 or self._item_embeds > 1:
-            scores = scores.view(num_rows, query_embeds, -1, self._item_embeds).amax(dim=(1, 3))
+        scores = torch.mm(query.reshape(num_rows * query_embeds, -1), items.reshape(-1, items.shape[-1]).t(), out=out)
+        if query_embeds > 1 or item_embeds > 1:
+            scores = scores.view(num_rows, query_embeds, -1, item_embeds).amax(dim=(1, 3))
         return scores
 
     def image_rows(self, rows: slice, out: torch.Tensor | None = None) -> torch.Tensor:
