@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from hf_pcme.distances import (
+    best_pair_scores,
     chunked_pairwise,
     iter_row_chunks,
+    max_pair_similarity,
     pairwise_csd,
     pairwise_sampled_match_log_prob,
     pairwise_squared_l2,
@@ -79,6 +81,20 @@ def test_pairwise_csd_equals_bruteforce():
                 for d in range(4)
             )
     torch.testing.assert_close(pairwise_csd(mean_x, log_sigma2_x, mean_y, log_sigma2_y), expected)
+
+
+def test_max_pair_similarity_is_the_best_of_all_embedding_pairs():
+    x, y = _randn(3, 2, 5, seed=6), _randn(4, 3, 5, seed=7)  # K = 2 and K' = 3 embeddings per item
+    expected = torch.tensor(
+        [[max(float(x[i, k] @ y[j, l]) for k in range(2) for l in range(3)) for j in range(4)] for i in range(3)],
+        dtype=torch.float64,
+    )
+    torch.testing.assert_close(max_pair_similarity(x, y), expected)
+    flat = x.reshape(6, 5) @ y.reshape(12, 5).t()
+    torch.testing.assert_close(best_pair_scores(flat, 3, 2, 3), expected)
+    assert best_pair_scores(flat, 6, 1, 1) is flat  # single embeddings: the scores themselves
+    with pytest.raises(ValueError, match="x"):
+        max_pair_similarity(x[:, 0], y)
 
 
 def test_score_vectors_inner_products_are_minus_csd_in_both_directions():

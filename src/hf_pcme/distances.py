@@ -85,6 +85,27 @@ def pairwise_squared_l2(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return torch.addmm(x_sq + y_sq, x, y.t(), alpha=-2.0).clamp_min(0.0)
 
 
+def best_pair_scores(scores: torch.Tensor, num_rows: int, row_embeds: int, column_embeds: int) -> torch.Tensor:
+    """``(N * K, M * K')`` scores of single embeddings -> ``(N, M)``: the best of each item pair's K x K' scores.
+
+    PVSE's multiple-instance similarity ``s_ij = max_{k, k'} s(x_i^k, y_j^k')`` (Song & Soleymani,
+    CVPR 2019); rows and columns list the K embeddings of an item consecutively. K = K' = 1 returns
+    ``scores`` itself.
+    """
+    if row_embeds == 1 and column_embeds == 1:
+        return scores
+    return scores.view(num_rows, row_embeds, -1, column_embeds).amax(dim=(1, 3))
+
+
+def max_pair_similarity(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``max_{k, k'} <x_i^k, y_j^k'>`` of ``(N, K, D)`` and ``(M, K', D)`` embeddings, shape ``(N, M)``."""
+    _check_dims("x", x, 3, "(N, K, D)")
+    _check_dims("y", y, 3, "(M, K', D)")
+    _check_last_dim("x", x, "y", y)
+    scores = x.reshape(-1, x.shape[-1]) @ y.reshape(-1, y.shape[-1]).t()
+    return best_pair_scores(scores, x.shape[0], x.shape[1], y.shape[1])
+
+
 def pairwise_csd(
     mean_x: torch.Tensor,
     log_sigma2_x: torch.Tensor,

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from .distances import (
     as_embedding_rows,
+    best_pair_scores,
     chunked_pairwise,
     item_search_vectors,
     iter_row_chunks,
@@ -159,13 +160,6 @@ def _merge_topk(
     k = min(top_k, scores.shape[1])
     scores, order = scores.topk(k, dim=1)
     return scores, indices.gather(1, order)
-
-
-def _pair_max(scores: torch.Tensor, num_queries: int, query_embeds: int, items: int, item_embeds: int) -> torch.Tensor:
-    """``(Q*Kq, N*K)`` scores of single embeddings -> ``(Q, N)`` item scores (max over the K x K pairs)."""
-    if query_embeds == 1 and item_embeds == 1:
-        return scores
-    return scores.view(num_queries, query_embeds, items, item_embeds).amax(dim=(1, 3))
 
 
 # ---------------------------------------------------------------------------- the index
@@ -538,7 +532,7 @@ class CrossModalIndex:
             def block_scores(items: torch.Tensor, queries: torch.Tensor, query_offsets: torch.Tensor) -> torch.Tensor:
                 # score = q . k - c(q): cosine, or -CSD exactly; then the best of the K x K pairs.
                 raw = torch.addmm(-query_offsets, queries, items.reshape(-1, dim).t())
-                return _pair_max(raw, chunk_queries, query_embeds, items.shape[0], item_embeds)
+                return best_pair_scores(raw, chunk_queries, query_embeds, item_embeds)
 
             best = None
             for item_rows, scores in chunked_pairwise(
@@ -578,7 +572,7 @@ class CrossModalIndex:
             vectors = torch.from_numpy(self._faiss_index.reconstruct_batch(rows_q.numpy()))
             query_offsets = flat_offsets.view(num_queries, query_embeds)[q, :, None]
             raw = query_vectors[q].float().cpu() @ vectors.t() - query_offsets
-            scores = raw.view(query_embeds, items.numel(), item_embeds).amax(dim=(0, 2))
+            scores = best_pair_scores(raw, 1, query_embeds, item_embeds).squeeze(0)
             k = min(top_k, items.numel())
             best, order = scores.topk(k)
             all_scores[q, :k] = best

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distances import pairwise_squared_l2
+from .distances import max_pair_similarity, pairwise_squared_l2
 from .loss_common import at_least_float32, loss_output, resolve_positive_mask
 from .loss_triplet import bidirectional_triplet_loss, check_reduction
 from .outputs import LossOutput, ProbabilisticEmbedding
@@ -25,14 +25,6 @@ def polysemous_means(embedding: ProbabilisticEmbedding, modality: str) -> torch.
     if mean.dim() == 2:
         mean = mean.unsqueeze(1)
     return F.normalize(mean, dim=-1)
-
-
-def max_pair_similarity(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """MIL similarity ``s_ij = max_{k, k'} <image_i^k, text_j^k'>`` of ``(N, K, D)`` and ``(M, K', D)``, ``(N, M)``."""
-    n, k_img, dim = image.shape
-    m, k_txt, _ = text.shape
-    scores = image.reshape(n * k_img, dim) @ text.reshape(m * k_txt, dim).t()
-    return scores.view(n, k_img, m, k_txt).amax(dim=(1, 3))
 
 
 def diversity_loss(attention: torch.Tensor) -> torch.Tensor:

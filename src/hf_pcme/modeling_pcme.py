@@ -22,6 +22,7 @@ from transformers.utils import ModelOutput
 from .configuration_pcme import PCMEConfig
 from .distances import (
     iter_row_chunks,
+    max_pair_similarity,
     pairwise_csd,
     pairwise_sampled_match_log_prob,
     sample_gaussian,
@@ -408,9 +409,7 @@ def _max_cosine(mean_x: torch.Tensor, mean_y: torch.Tensor) -> torch.Tensor:
     y = torch.nn.functional.normalize(mean_y.float(), dim=-1)
     if x.dim() == 2:
         return x @ y.t()
-    n, k_x, d = x.shape
-    m, k_y, _ = y.shape
-    return (x.reshape(n * k_x, d) @ y.reshape(m * k_y, d).t()).view(n, k_x, m, k_y).amax(dim=(1, 3))
+    return max_pair_similarity(x, y)
 
 
 __all__ = ["PCMEModel", "PCMEPreTrainedModel", "PCMEOutput", "build_tower", "load_pretrained_tower", "tower_local_and_global"]

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..distances import pairwise_sampled_match_log_prob, sample_gaussian
-from ..distances import score_vectors
+from ..distances import best_pair_scores, score_vectors
 from ..registry import lookup
 
 
@@ -197,9 +197,7 @@ class InnerProductScorer(ScoreSource):
         if query_embeds > 1 or item_embeds > 1 or out is None or out.dtype != torch.float32:
             out = None
         scores = torch.mm(query.reshape(num_rows * query_embeds, -1), items.reshape(-1, items.shape[-1]).t(), out=out)
-        if query_embeds > 1 or item_embeds > 1:
-            scores = scores.view(num_rows, query_embeds, -1, item_embeds).amax(dim=(1, 3))
-        return scores
+        return best_pair_scores(scores, num_rows, query_embeds, item_embeds)
 
     def image_rows(self, rows: slice, out: torch.Tensor | None = None) -> torch.Tensor:
         return self._block("i2t", rows, out)

@@ -1,5 +1,8 @@
 """Model card (README.md) of a trained model, filled from ``model_cards/template.md``.
 
+The template is package data (``hf_pcme/training/model_card_template.md``, which the repository's
+``model_cards/template.md`` links to), so an installed package writes cards without a checkout.
+
 The card's YAML front matter carries ``model-index`` metadata (one result entry per metric, task
 ``cross-modal-retrieval``) built with ``huggingface_hub.ModelCardData`` / ``EvalResult``, so the Hub
 shows the scores; the body gives the towers, the recipe, intended use and limitations.
@@ -14,8 +17,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .config import Recipe
 
-#: The template shipped with the repository (``model_cards/template.md`` at its root).
-DEFAULT_TEMPLATE = Path(__file__).resolve().parents[3] / "model_cards" / "template.md"
+#: The template shipped inside the package (``model_cards/template.md`` in the repository links here).
+DEFAULT_TEMPLATE = Path(__file__).resolve().with_name("model_card_template.md")
 
 TASK_TYPE = "cross-modal-retrieval"
 TASK_NAME = "Cross-modal retrieval"
