@@ -162,13 +162,16 @@ def main() -> None:
     print(f"Trainer step vs bare forward+backward+clip+step, interleaved (shapes_pcme towers, global batch {batch}, "
           f"{args.num_workers} loader worker(s) per process, pixel cache {'on' if cache_pixels else 'off'}; "
           f"medians of {rounds - WARMUP_ROUNDS} rounds)")
-    print(f"{'processes':>9} | {'trainer ms/step':>15} | {'bare ms/step':>12} | {'overhead':>8} | {'batch wait':>10}")
-    print("-" * 68)
+    print(f"{'processes':>9} | {'trainer ms/step':>15} | {'bare ms/step':>12} | {'overhead':>8} | {'batch wait':>10} | "
+          "per-round trainer/bare - 1: quartiles")
+    print("-" * 110)
     for row in rows:
         trainer_s, bare_s = statistics.median(row["trainer_s"]), statistics.median(row["bare_s"])
         wait_s = statistics.median(row["wait_s"])
+        quartiles = statistics.quantiles([t / b - 1 for t, b in zip(row["trainer_s"], row["bare_s"])], n=4)
         print(f"{row['processes']:>9} | {trainer_s * 1e3:>15.1f} | {bare_s * 1e3:>12.1f} | "
-              f"{trainer_s / bare_s - 1:>7.1%} | {wait_s / bare_s:>9.1%}")
+              f"{trainer_s / bare_s - 1:>7.1%} | {wait_s / bare_s:>9.1%} | "
+              + ", ".join(f"{q:+.1%}" for q in quartiles))
     print("target: overhead <= 10 %. batch wait: the Trainer step's median wait for its next batch (reading, "
           "transforms, collation, the accelerate loader) as a fraction of the bare step; the rest is bookkeeping.")
 

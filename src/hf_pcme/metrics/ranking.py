@@ -8,7 +8,7 @@ can be half the gallery. A full sort costs ~10x the matrix product that produced
 
 1. every score of a row is mapped linearly to one of ``B`` buckets between the row's min and max
    (monotone: a higher score never lands in a lower bucket; equal scores share a bucket);
-2. one scatter-add counts every ``(row, column group, plausibility level, bucket)``;
+2. one ``bincount`` counts every ``(row, column group, plausibility level, bucket)``;
 3. cumulative counts give the bucket holding the R-th best item, for every ``R`` needed;
 4. only the items of those few buckets (and of the top buckets holding the K / R best items)
    are extracted and resolved exactly.
@@ -134,14 +134,6 @@ class Workspace:
         buffer = self._buffers.get(key)
         if buffer is None or buffer.numel() < numel:
             buffer = torch.empty(numel, dtype=dtype, device=device)
-            self._buffers[key] = buffer
-        return buffer[:numel]
-
-    def ones(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        key = ("ones", dtype, device)
-        buffer = self._buffers.get(key)
-        if buffer is None or buffer.numel() < numel:
-            buffer = torch.ones(numel, dtype=dtype, device=device)
             self._buffers[key] = buffer
         return buffer[:numel]
 
@@ -293,9 +285,7 @@ def _rank_block(scores, ks, relevance, plausibility, zetas, fold_columns, fold_r
             key.view(-1, runs, n).add_(bias.unsqueeze(1))
         else:
             key.view(r, n // group, group).add_(bias.unsqueeze(2))
-    ones = workspace.ones(r * n, torch.int32, device)
-    histogram = workspace.get("histogram", r * row_stride, torch.int32, device).zero_()
-    histogram.index_add_(0, key.view(-1), ones)
+    histogram = torch.bincount(key.view(-1), minlength=r * row_stride).to(torch.int32)
     histogram = histogram.view(r, num_groups, num_levels, buckets)
 
     # cumulative[q, g, l, b] = items of column group g in buckets <= b with level <= l (int32)
@@ -364,16 +354,10 @@ def _rank_block(scores, ks, relevance, plausibility, zetas, fold_columns, fold_r
     return results[0], (results[1] if fold_columns is not None else None)
 
 
-def _gather_segments(
-    masks: list[torch.Tensor], num_rows: int, hit_rows: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of the hits selected by each mask and their segment ``mask_index * num_rows + row``."""
-    indices, segments = [], []
-    for index, mask in enumerate(masks):
-        selected = mask.nonzero().squeeze(1)
-        indices.append(selected)
-        segments.append(hit_rows[selected] + index * num_rows)
-    return torch.cat(indices), torch.cat(segments)
+def _gather_segments(masks: torch.Tensor, num_rows: int, hit_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hits selected by each row of ``masks`` ``(num_masks, hits)``, and their segment ``mask_index * num_rows + row``."""
+    mask_index, selected = masks.nonzero(as_tuple=True)
+    return selected, hit_rows[selected] + mask_index * num_rows
 
 
 def _top_results(results, r, n, ks, view_relevances, top_buckets, in_views,
@@ -385,7 +369,7 @@ def _top_results(results, r, n, ks, view_relevances, top_buckets, in_views,
     for view_index in range(views):
         mask = hit_bucket >= top_buckets[view_index][hit_rows]
         masks.append(mask if in_views[view_index] is None else mask & in_views[view_index])
-    selected, segments = _gather_segments(masks, r, hit_rows)
+    selected, segments = _gather_segments(torch.stack(masks), r, hit_rows)
     rows, cols, values = hit_rows[selected], hit_cols[selected], hit_values[selected]
     ks_tensor = torch.tensor(ks, device=device, dtype=torch.int64)
     for name in view_relevances[0]:
@@ -421,18 +405,21 @@ def _pmrp_results(results, r, zetas, considered, pmrp_plans, in_views,
     labelled = hit_level <= considered
     masks, zeta_of_mask = [], []
     for view_index, (valid, target, _, _, _) in enumerate(pmrp_plans):
-        for z in range(num_zetas):
-            mask = labelled & valid[z][hit_rows] & (hit_bucket == target[z][hit_rows])
-            masks.append(mask if in_views[view_index] is None else mask & in_views[view_index])
-            zeta_of_mask.append(zetas[z])
-    selected, segments = _gather_segments(masks, r, hit_rows)
+        # (Z, hits): the hit is in the target bucket of zeta z (invalid rows have no target)
+        mask = torch.where(valid, target, -1)[:, hit_rows] == hit_bucket
+        mask &= labelled
+        if in_views[view_index] is not None:
+            mask &= in_views[view_index]
+        masks.append(mask)
+        zeta_of_mask.extend(zetas)
+    selected, segments = _gather_segments(torch.cat(masks), r, hit_rows)
     values, level = hit_values[selected], hit_level[selected]
     zeta = torch.tensor(zeta_of_mask, device=device)[torch.div(segments, r, rounding_mode="floor")]
     plausible_count = torch.cat([plan[2] for plan in pmrp_plans]).reshape(-1)  # per segment
     above = torch.cat([plan[3] for plan in pmrp_plans]).reshape(-1)
     plausible_above = torch.cat([plan[4] for plan in pmrp_plans]).reshape(-1)
     valid = torch.cat([plan[0] for plan in pmrp_plans]).reshape(-1)
-    num_segments = len(masks) * r
+    num_segments = len(zeta_of_mask) * r
     order = _segment_order(segments, values)
     segments_sorted, values_sorted = segments[order], values[order]
     positions, _ = _positions_in_rows(segments_sorted, num_segments)
