@@ -75,6 +75,10 @@ def test_cache_over_the_memory_limit_is_not_built(rows, transform):
     assert PixelCache.build(rows, transform, max_bytes=len(IMAGE_IDS) * one_image, progress=False) is not None
 
 
+def test_cache_of_an_empty_split_is_not_built(rows, transform):
+    assert PixelCache.build(rows.select([]), transform, max_bytes=2**30, progress=False) is None
+
+
 def test_cache_refuses_augmentation(rows, transform):
     cache = PixelCache.build(rows, transform, max_bytes=2**30, progress=False)
     processor = tiny_processor(image_size=32)

@@ -85,6 +85,8 @@ class PixelCache:
         progress: bool = True,
     ) -> "PixelCache | None":
         """Process the first row of each distinct ``image_id`` of ``dataset`` with ``transform``."""
+        if len(dataset) == 0:
+            return None
         image_ids = np.asarray(dataset.select_columns(["image_id"]).with_format("numpy")["image_id"])
         unique_ids, first_rows = np.unique(image_ids, return_index=True)
         images = dataset.select_columns(["image"])
