@@ -395,6 +395,11 @@ def _variance_sum(mean: torch.Tensor, log_sigma2: torch.Tensor | None) -> torch.
     return log_sigma2.float().exp().sum(-1, keepdim=True).expand(mean.shape[:2])
 
 
+def _csd_offset(mean: torch.Tensor, log_sigma2: torch.Tensor | None) -> torch.Tensor:
+    """``c = |mu|^2 + sum_d sigma^2`` per embedding, shape ``(N, K)``: CSD = c_v + c_t - 2 mu_v . mu_t."""
+    return mean.pow(2).sum(-1) + _variance_sum(mean, log_sigma2)
+
+
 def item_search_vectors(mean: torch.Tensor, log_sigma2: torch.Tensor | None, metric: str) -> torch.Tensor:
     """Item side of the inner-product search, float32 ``(N, K, D')``.
 
@@ -412,8 +417,7 @@ def _item_vectors_block(mean: torch.Tensor, log_sigma2: torch.Tensor | None, met
     mean = mean.float()
     if metric == "cosine":
         return F.normalize(mean, dim=-1)
-    offset = mean.pow(2).sum(-1) + _variance_sum(mean, log_sigma2)
-    return torch.cat([2.0 * mean, -offset.unsqueeze(-1)], dim=-1)
+    return torch.cat([2.0 * mean, -_csd_offset(mean, log_sigma2).unsqueeze(-1)], dim=-1)
 
 
 def score_vectors(
@@ -439,7 +443,7 @@ def score_vectors(
         if metric == "cosine":
             out[rows] = F.normalize(block, dim=-1)
             continue
-        offset = block.pow(2).sum(-1) + _variance_sum(block, log_sigma2[rows] if log_sigma2 is not None else None)
+        offset = _csd_offset(block, log_sigma2[rows] if log_sigma2 is not None else None)
         ones = torch.ones_like(offset)
         if side == "left":
             out[rows, :, :-2] = 2.0 * block
@@ -461,5 +465,4 @@ def query_search_vectors(
     mean = as_embedding_rows(mean, "query_mean")
     if metric == "cosine":
         return F.normalize(mean, dim=-1), mean.new_zeros(mean.shape[:2])
-    offset = mean.pow(2).sum(-1) + _variance_sum(mean, log_sigma2)
-    return torch.cat([mean, torch.ones_like(mean[..., :1])], dim=-1), offset
+    return torch.cat([mean, torch.ones_like(mean[..., :1])], dim=-1), _csd_offset(mean, log_sigma2)

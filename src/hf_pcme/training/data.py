@@ -160,12 +160,10 @@ class TrainingRows(Dataset):
         if self.pixel_cache is not None:
             batch = self._rows_without_images[indices]
             batch["pixel_values"] = list(self.pixel_cache.lookup(batch["image_id"]))
-            keys = list(batch)
-            return [dict(zip(keys, values)) for values in zip(*(batch[key] for key in keys))]
-        rows = self.dataset[indices]
-        if self.augment is None:
-            batch = self.transform(rows)
+        elif self.augment is None:
+            batch = self.transform(self.dataset[indices])
         else:
+            rows = self.dataset[indices]
             pieces = []
             for position, index in enumerate(indices):
                 generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, index))
