@@ -2,15 +2,23 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from hf_pcme.distances import pairwise_csd, pairwise_sampled_match_log_prob, sample_gaussian
 from hf_pcme.metrics import SCORERS, build_scorer, coco_folds, evaluate_retrieval
-from hf_pcme.metrics import ranking, retrieval
+from hf_pcme.metrics import rank_kernel, ranking, retrieval
 
 KS = (1, 5, 10)
+
+
+@pytest.fixture(autouse=True, params=["kernel", "torch"])
+def ranking_path(request, monkeypatch):
+    """Every test runs on both ranking paths: the compiled CPU kernel and the torch ops (GPU path)."""
+    monkeypatch.setattr(ranking, "USE_KERNEL", request.param == "kernel")
+    return request.param
 
 
 # ---------------------------------------------------------------------------- brute force
@@ -445,3 +453,60 @@ def test_sampled_scorer_needs_scale_and_shift():
             image_embeds=mean_i, text_embeds=mean_t, image_log_sigma2=log_i, text_log_sigma2=log_t,
             text_to_image=t2i, scorer="sampled",
         )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- the two ranking paths
+def test_kernel_ranks_pairs_and_classes_and_torch_ranks_explicit_positives(ranking_path, monkeypatch):
+    calls = []
+    original = rank_kernel.rank_rows
+    monkeypatch.setattr(rank_kernel, "rank_rows", lambda *a, **k: calls.append(1) or original(*a, **k))
+    scores, text_to_image, labels = random_case(seed=8)
+    evaluate_retrieval(scores=scores, text_to_image=text_to_image, image_labels=labels)
+    evaluate_retrieval(scores=scores, text_to_image=text_to_image, image_classes=torch.arange(12) % 3)
+    expected = 4 if ranking_path == "kernel" else 0  # one block per direction per call
+    assert len(calls) == expected
+    # explicit i2t positives have no key form: that direction goes to torch; t2i keeps the pairs
+    evaluate_retrieval(scores=scores, text_to_image=text_to_image, positives={"i2t": [[0]] * 12})
+    assert len(calls) == expected + (1 if ranking_path == "kernel" else 0)
+
+
+def test_kernel_and_torch_paths_agree_exactly_at_realistic_size(monkeypatch):
+    g = torch.Generator().manual_seed(21)
+    text_to_image = torch.arange(300).repeat_interleave(5)
+    scores = (torch.randn(300, 1500, generator=g) * 64).round() / 64  # continuous, with some ties
+    rates = torch.full((12,), 0.08)
+    rates[0] = 0.5
+    labels = (torch.rand(300, 12, generator=g) < rates).float()
+    kwargs = dict(scores=scores, text_to_image=text_to_image, image_labels=labels, protocol="coco", fold_size=100)
+    monkeypatch.setattr(ranking, "USE_KERNEL", True)
+    kernel = evaluate_retrieval(**kwargs)
+    monkeypatch.setattr(ranking, "USE_KERNEL", False)
+    assert kernel == evaluate_retrieval(**kwargs)
+
+
+@pytest.mark.parametrize("size", [1, 7, 48, 49, 300])
+def test_kernel_sort_orders_by_score_then_flag(size):
+    rng = np.random.default_rng(size)
+    values = rng.integers(0, 5, size).astype(np.float32)  # many ties
+    flags = rng.integers(0, 2, size).astype(np.int64)
+    order = np.empty(size, np.int64)
+    rank_kernel._sort_desc(values, flags, order, size)
+    ranked = [(values[i], flags[i]) for i in order]
+    assert ranked == sorted(zip(values, flags), key=lambda pair: (-pair[0], pair[1]))
+    assert sorted(order.tolist()) == list(range(size))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_kernel_kth_largest_equals_sorting(seed):
+    rng = np.random.default_rng(seed)
+    size = int(rng.integers(1, 200))
+    values = rng.integers(0, 6, size).astype(np.float64)  # many duplicates
+    expected = sorted(values.tolist(), reverse=True)
+    for k in sorted({1, size, int(rng.integers(1, size + 1))}):
+        assert rank_kernel._kth_largest(values.copy(), size, k) == expected[k - 1]
+
+
+def test_large_zeta_is_refused():
+    scores, text_to_image, labels = random_case(seed=9)
+    with pytest.raises(ValueError, match="at most 100"):
+        evaluate_retrieval(scores=scores, text_to_image=text_to_image, image_labels=labels, zetas=(0, 200))

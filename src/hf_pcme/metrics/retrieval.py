@@ -54,6 +54,8 @@ BLOCK_ELEMENTS = 1 << 25
 SUB_BLOCK_ELEMENTS = 1 << 21
 #: Up to this many images, the PMRP levels of every image pair are computed once (int8, 64 MiB at most).
 LEVEL_TABLE_IMAGES = 8192
+#: Largest PMRP zeta: plausibility levels (up to zeta + 2) are stored as int8.
+MAX_ZETA = 100
 DIRECTIONS = ("i2t", "t2i")
 PROTOCOLS = (None, "coco")
 
@@ -401,6 +403,13 @@ class _Relevance:
         self.layout = layout
         self.image_classes = image_classes
         self._class_counts: dict[tuple, torch.Tensor] = {}  # class histograms / classes per view
+        self._images: torch.Tensor | None = None
+
+    def _image_index(self) -> torch.Tensor:
+        """The index of each image: the keys of the t2i items for the pairs."""
+        if self._images is None:
+            self._images = torch.arange(self.layout.num_images, device=self.layout.text_image.device)
+        return self._images
 
     def _item_classes(self, direction: str, first: int, end: int) -> torch.Tensor:
         if direction == "i2t":
@@ -419,10 +428,12 @@ class _Relevance:
         if kind == "pairs":
             if direction == "i2t":
                 counts = layout.captions_per_image[queries]
-                return RelevanceView(counts, lambda rows, cols: layout.text_image[cols] == queries[rows])
+                keys = (layout.text_image, queries)
+                return RelevanceView(counts, lambda rows, cols: layout.text_image[cols] == queries[rows], keys)
             counts = torch.ones(queries.numel(), dtype=torch.long, device=queries.device)
             query_images = layout.text_image[queries]
-            return RelevanceView(counts, lambda rows, cols: cols == query_images[rows])
+            keys = (self._image_index(), query_images)
+            return RelevanceView(counts, lambda rows, cols: cols == query_images[rows], keys)
         if kind == "classes":
             key = (direction, first, end)
             if key not in self._class_counts:
@@ -437,8 +448,10 @@ class _Relevance:
                 num_items = layout.num_texts if direction == "i2t" else layout.num_images
                 self._class_counts[key] = self._item_classes(direction, 0, num_items)
             all_classes = self._class_counts[key]
+            # an unknown query class (-1) matches nothing, not even the items of unknown class
+            keys = (all_classes, torch.where(query_classes >= 0, query_classes, -2))
             return RelevanceView(
-                counts, lambda rows, cols: (all_classes[cols] == query_classes[rows]) & (query_classes[rows] >= 0)
+                counts, lambda rows, cols: (all_classes[cols] == query_classes[rows]) & (query_classes[rows] >= 0), keys
             )
         counts = kind.counts(queries, first, end)
         return RelevanceView(counts, lambda rows, cols: kind.contains(queries[rows], cols))
@@ -536,6 +549,8 @@ def evaluate_retrieval(
     """
     ks = _check_int_tuple(ks, "ks", 1)
     zetas = _check_int_tuple(zetas, "zetas", 0)
+    if max(zetas) > MAX_ZETA:
+        raise ValueError(f"zetas are Hamming distances between label vectors, at most {MAX_ZETA} here; got {zetas}.")
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}.")
     if chunk_size is not None and int(chunk_size) < 1:
