@@ -48,8 +48,12 @@ import torch
 from .ranking import PlausibilityLevels, RelevanceView, Workspace, rank_block, single_cpu_thread
 from .scorers import MatrixScores, ScoreSource, as_tensor, build_scorer
 
-#: Scores per block produced by the scorer (128 MiB of float32): large enough for a fast matrix product.
+#: Scores per block produced by the scorer on GPU (128 MiB of float32): large enough for a fast matrix product.
 BLOCK_ELEMENTS = 1 << 25
+#: Scores per chunk on CPU (32 MiB of float32 per worker): a product on one thread near the BLAS peak.
+CPU_CHUNK_ELEMENTS = 1 << 23
+#: Default worker threads on CPU (each holds one chunk).
+MAX_CPU_WORKERS = 8
 #: Scores per block given to the ranking passes (8 MiB of float32): stays in the CPU cache.
 SUB_BLOCK_ELEMENTS = 1 << 21
 #: Up to this many images, the PMRP levels of every image pair are computed once (int8, 64 MiB at most).
@@ -537,10 +541,10 @@ def evaluate_retrieval(
         protocol: ``None`` or ``"coco"`` (adds the ``1k/`` keys).
         fold_size: images per fold of the 1K protocol (1000 for COCO).
         zetas: Hamming thresholds of PMRP.  ks: the K of Recall@K.
-        chunk_size: query rows per score block (default: ~32M scores, 128 MiB, per block).
+        chunk_size: query rows per score block (default: ~8M scores, 32 MiB, per chunk on CPU; ~32M on GPU).
         num_samples, negative_scale, shift, seed: for ``scorer="sampled"``.
-        num_workers: threads running the ranking passes, each on one CPU thread (default: 2 on
-            CPU, or 1 when torch uses a single thread; 1 on GPU).
+        num_workers: threads that score and rank chunks of rows, each on one CPU thread (default:
+            torch's thread count, at most 8, on CPU; 1 on GPU).
 
     Returns:
         A flat dict of floats in percent: ``i2t_R@1``, ..., ``rsum``, ``i2t_r_precision``,
@@ -591,14 +595,16 @@ def evaluate_retrieval(
     prefixes = [""] + (["1k/"] if protocol == "coco" else [])
     relevance = _Relevance(layout, classes)
     means = _Means()
-    block_workspace = Workspace()
     local = threading.local()
     if num_workers is None:
-        num_workers = min(2, torch.get_num_threads()) if device.type == "cpu" else 1
+        num_workers = min(MAX_CPU_WORKERS, torch.get_num_threads()) if device.type == "cpu" else 1
+    # CPU: every task scores a chunk of query rows on one thread and ranks it at once, so the
+    # chunks balance across the cores with no barrier between products and ranking (a preempted
+    # core just takes fewer chunks) and the ranking reads scores still in cache.
+    # GPU: one worker, large blocks for the matrix product.
+    block_elements = CPU_CHUNK_ELEMENTS if device.type == "cpu" else BLOCK_ELEMENTS
 
     def rank_rows(block: torch.Tensor, block_start: int, rows: range, direction: str, fold_columns):
-        if not hasattr(local, "workspace"):
-            local.workspace = Workspace()
         everything = (0, block.shape[1])
         queries = torch.arange(rows.start, rows.stop, device=device)
         views = {name: relevance.view(kinds[direction], direction, queries, everything)
@@ -618,35 +624,39 @@ def evaluate_retrieval(
             workspace=local.workspace,
         )
 
+    def score_and_rank(direction: str, rows: range, sub_rows: int, fold_columns) -> list:
+        if not hasattr(local, "workspace"):
+            local.workspace = Workspace()
+        block = _rows(source, direction, slice(rows.start, rows.stop), local.workspace)
+        pieces = [range(start, min(start + sub_rows, rows.stop)) for start in range(rows.start, rows.stop, sub_rows)]
+        return [rank_rows(block, rows.start, piece, direction, fold_columns) for piece in pieces]
+
+    tasks = []  # (direction, fold, rows, sub_rows, fold_columns), in a fixed order
+    for direction in DIRECTIONS:
+        num_items = num_texts if direction == "i2t" else num_images
+        block_rows = int(chunk_size) if chunk_size else max(1, block_elements // num_items)
+        sub_rows = max(1, SUB_BLOCK_ELEMENTS // num_items)
+        if direction == "t2i" and layout.group_size and not chunk_size:
+            # whole images per piece: their captions then share the plausibility rows (see ranking.py)
+            block_rows = max(1, block_rows // layout.group_size) * layout.group_size
+            sub_rows = max(1, sub_rows // layout.group_size) * layout.group_size
+        for fold, (query_range, item_range) in enumerate(layout.fold_ranges(direction)):
+            fold_columns = item_range if protocol == "coco" else None
+            for start in range(query_range[0], query_range[1], block_rows):
+                rows = range(start, min(start + block_rows, query_range[1]))
+                tasks.append((direction, fold, rows, sub_rows, fold_columns))
+
     if plausible is not None and plausible.relation is None:
-        with single_cpu_thread(device):
-            plausible._image_table()  # shared by the workers: built once, before them
-    with ThreadPoolExecutor(max_workers=max(1, int(num_workers))) as pool:
-        for direction in DIRECTIONS:
-            num_items = num_texts if direction == "i2t" else num_images
-            block_rows = int(chunk_size) if chunk_size else max(1, BLOCK_ELEMENTS // num_items)
-            sub_rows = max(1, SUB_BLOCK_ELEMENTS // num_items)
-            if direction == "t2i" and layout.group_size and not chunk_size:
-                # whole images per piece: their captions then share the plausibility rows (see ranking.py)
-                block_rows = max(1, block_rows // layout.group_size) * layout.group_size
-                sub_rows = max(1, sub_rows // layout.group_size) * layout.group_size
-            for fold, (query_range, item_range) in enumerate(layout.fold_ranges(direction)):
-                fold_columns = item_range if protocol == "coco" else None
-                for block_start in range(query_range[0], query_range[1], block_rows):
-                    block_end = min(block_start + block_rows, query_range[1])
-                    block = _rows(source, direction, slice(block_start, block_end), block_workspace)
-                    starts = range(block_start, block_end, sub_rows)
-                    pieces = [range(start, min(start + sub_rows, block_end)) for start in starts]
-                    # the ranking passes run on worker threads, each on one CPU thread (see ranking.py)
-                    with single_cpu_thread(device):
-                        futures = [
-                            pool.submit(rank_rows, block, block_start, rows, direction, fold_columns) for rows in pieces
-                        ]
-                        for future in futures:  # in order: the sums do not depend on the thread timing
-                            ranks, fold_ranks = future.result()
-                            _accumulate(means, ranks, "", 0, direction, ks, plausible)
-                            if fold_ranks is not None:
-                                _accumulate(means, fold_ranks, "1k/", fold, direction, ks, plausible)
+        plausible._image_table()  # shared by the workers: built once, before them
+    # the workers run torch on one CPU thread each (see ranking.py)
+    with single_cpu_thread(device), ThreadPoolExecutor(max_workers=max(1, int(num_workers))) as pool:
+        futures = [pool.submit(score_and_rank, direction, rows, sub_rows, fold_columns)
+                   for direction, _, rows, sub_rows, fold_columns in tasks]  # fmt: skip
+        for (direction, fold, *_), future in zip(tasks, futures):  # in order: sums independent of timing
+            for ranks, fold_ranks in future.result():
+                _accumulate(means, ranks, "", 0, direction, ks, plausible)
+                if fold_ranks is not None:
+                    _accumulate(means, fold_ranks, "1k/", fold, direction, ks, plausible)
     return _collect(means, prefixes, ks, relevance_kinds, plausible)
 
 

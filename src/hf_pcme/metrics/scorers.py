@@ -21,6 +21,7 @@ Scorers (``SCORERS``, chosen by name):
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
@@ -159,6 +160,7 @@ class InnerProductScorer(ScoreSource):
         self.num_images = self.image_mean.shape[0]
         self.num_texts = self.text_mean.shape[0]
         self._vectors: dict[str, torch.Tensor] | None = None
+        self._vectors_lock = threading.Lock()  # blocks are scored on several threads
 
     def _log_sigma2(self, value: Any, mean: torch.Tensor, side: str) -> torch.Tensor | None:
         if self.metric != "csd":
@@ -184,14 +186,19 @@ class InnerProductScorer(ScoreSource):
             self.text_log_sigma2 = self.text_log_sigma2.index_select(0, order)
         self._vectors = None
 
+    def _score_vectors(self) -> dict[str, torch.Tensor]:
+        with self._vectors_lock:
+            if self._vectors is None:
+                self._vectors = {
+                    "image": score_vectors(self.image_mean, self.image_log_sigma2, self.metric, "left"),
+                    "text": score_vectors(self.text_mean, self.text_log_sigma2, self.metric, "right"),
+                }
+            return self._vectors
+
     def _block(self, direction: str, rows: slice, out: torch.Tensor | None) -> torch.Tensor:
-        if self._vectors is None:
-            self._vectors = {
-                "image": score_vectors(self.image_mean, self.image_log_sigma2, self.metric, "left"),
-                "text": score_vectors(self.text_mean, self.text_log_sigma2, self.metric, "right"),
-            }
+        vectors = self._score_vectors()
         query_side, item_side = ("image", "text") if direction == "i2t" else ("text", "image")
-        query, items = self._vectors[query_side][rows], self._vectors[item_side]
+        query, items = vectors[query_side][rows], vectors[item_side]
         num_rows, query_embeds = query.shape[:2]
         item_embeds = items.shape[1]
         if query_embeds > 1 or item_embeds > 1 or out is None or out.dtype != torch.float32:
