@@ -82,8 +82,8 @@ def _brute_force_sampled_match_probability(samples_x, samples_y, a, b):
     for i in range(n):
         for j in range(m):
             total = 0.0
-            for zx in samples_x[i].double():
-                for zy in samples_y[j].double():
+            for zx in samples_x[i].detach().double():
+                for zy in samples_y[j].detach().double():
                     distance = math.sqrt(float(((zx - zy) ** 2).sum()) + 1e-6)
                     total += 1.0 / (1.0 + math.exp(-2.0 * (-a * distance + b)))
             result[i, j] = total / (samples_x.shape[1] * samples_y.shape[1])
