@@ -114,7 +114,7 @@ def test_csd_match_probability_equals_formula(batch):
 def test_polysemous_logits_are_max_over_embedding_pairs(batch):
     model = PCMEModel(tiny_pcme_config(head_type="polysemous", loss_type="pvse", num_embeds=3)).eval()
     out = model(**batch)
-    image, text = out.image_embeds.mean, out.text_embeds.mean
+    image, text = out.image_embeds.mean.detach(), out.text_embeds.mean.detach()
     expected = torch.tensor([[max(float(u @ v) for u in image[i] for v in text[j]) for j in range(4)] for i in range(4)])
     torch.testing.assert_close(out.logits_per_image, expected, atol=1e-5, rtol=1e-5)
 
