@@ -542,7 +542,7 @@ def evaluate_retrieval(
         protocol: ``None`` or ``"coco"`` (adds the ``1k/`` keys).
         fold_size: images per fold of the 1K protocol (1000 for COCO).
         zetas: Hamming thresholds of PMRP.  ks: the K of Recall@K.
-        chunk_size: query rows per score block (default: ~8M scores, 32 MiB, per chunk on CPU; ~32M on GPU).
+        chunk_size: query rows per score block (default: ~16M scores, 64 MiB, per chunk on CPU; ~32M on GPU).
         num_samples, negative_scale, shift, seed: for ``scorer="sampled"``.
         num_workers: threads that score and rank chunks of rows, each on one CPU thread (default:
             torch's thread count, at most 8, on CPU; 1 on GPU).
