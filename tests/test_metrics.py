@@ -506,6 +506,16 @@ def test_kernel_kth_largest_equals_sorting(seed):
         assert rank_kernel._kth_largest(values.copy(), size, k) == expected[k - 1]
 
 
+@pytest.mark.parametrize("magnitude", [2e38, 1e-44])
+def test_extreme_score_ranges_match_bruteforce(magnitude):
+    # a float32 spread that overflows (6e38) or a scale that does (subnormal spread): same exact ranks
+    scores, text_to_image, labels = random_case(seed=10)
+    extreme = ((scores - 1.5) * magnitude).float()  # values in {-1.5, -0.5, 0.5, 1.5} x magnitude
+    assert torch.isfinite(extreme).all()
+    result = evaluate_retrieval(scores=extreme, text_to_image=text_to_image, image_labels=labels)
+    assert_same(result, brute_all(extreme.double(), text_to_image, labels))
+
+
 def test_large_zeta_is_refused():
     scores, text_to_image, labels = random_case(seed=9)
     with pytest.raises(ValueError, match="at most 100"):

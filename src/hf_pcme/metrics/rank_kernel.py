@@ -137,12 +137,14 @@ def _rank_rows(
         spread = highs[row] - low
         scale_holder[0] = (buckets - 0.5) / spread if spread > 0 else 0.0
         scale = scale_holder[0]
-        if np.isfinite(scale):  # (a vectorised loop; the histogram loop below is not)
+        if np.isfinite(spread) and np.isfinite(scale):  # (a vectorised loop; the counting loop is not)
             for j in range(num_items):
                 keys[j] = np.int32((values[j] - low) * scale)
-        else:  # a spread so small that the scale overflows
+        else:  # a spread that overflows, or one so small that the scale does: float64, clamped
+            low64, spread64 = np.float64(low), np.float64(highs[row]) - np.float64(low)
             for j in range(num_items):
-                keys[j] = np.int32((values[j] - low) / spread * (buckets - 0.5))
+                position = (np.float64(values[j]) - low64) / spread64 * (buckets - 0.5)
+                keys[j] = np.int32(min(max(position, 0.0), buckets - 1.0)) if position == position else 0
 
         # pass 1: histogram of (group, level, bucket); the captions of one image share a level
         hist[:] = 0

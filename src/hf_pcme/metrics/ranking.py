@@ -270,6 +270,9 @@ def _rank_block(scores, ks, relevance, plausibility, zetas, fold_columns, fold_r
     device = scores.device
     r, n = scores.shape
     low, high = _row_range(scores)
+    if scores.dtype != torch.float64 and not bool(torch.isfinite(high - low).all()):
+        # a row's spread overflows its dtype (|scores| near the float32 limit): rank in float64
+        scores, low, high = scores.double(), low.double(), high.double()
     buckets = num_buckets(n)
     num_groups = 2 if fold_columns is not None else 1
     if plausibility is not None:
