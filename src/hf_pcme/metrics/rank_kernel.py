@@ -294,7 +294,11 @@ def _rank_rows(
                         work_flags[count] = 0 if hit_level[h] <= zetas[z] else 1
                         select_values[count] = hit_value[h]
                         count += 1
-                need = plausible_total[view, z] - labelled_above[view, z]
+                # 1 <= need <= count by the choice of the target bucket; clamped anyway, as numba
+                # does not check bounds
+                need = min(max(plausible_total[view, z] - labelled_above[view, z], 1), count)
+                if count == 0:
+                    continue
                 threshold = _kth_largest(select_values, count, need)
                 more_above, plausible_higher, tied_implausible = 0, 0, 0
                 for h in range(count):
