@@ -119,8 +119,6 @@ def _rank_rows(
     work_order = np.empty(num_items, np.int64)
     select_values = np.empty(num_items, scores.dtype)
     scale_holder = np.empty(1, scores.dtype)  # the scale in the scores' precision
-    view_total = np.zeros(num_views, np.int64)
-    needed = np.zeros(num_views, np.int64)
     top_bucket = np.zeros(num_views, np.int64)
     target = np.zeros((num_views, num_zetas), np.int64)
     plausible_total = np.zeros((num_views, num_zetas), np.int64)
@@ -180,11 +178,10 @@ def _rank_rows(
             total = 0
             for grp_level in range(view * num_levels, num_views * num_levels):
                 total += level_totals[grp_level]
-            view_total[view] = total
             wanted = max_k
             for name in range(num_names):
                 wanted = max(wanted, relevant_counts[name, view, row])
-            needed[view] = max(1, min(wanted, total))
+            needed = max(1, min(wanted, total))
             for z in range(num_zetas):
                 target[view, z] = -1
                 plausible = 0
@@ -207,7 +204,7 @@ def _rank_rows(
                         count_labelled += count
                 missing = False
                 if top_bucket[view] < 0:
-                    if seen_all + count_all >= needed[view]:
+                    if seen_all + count_all >= needed:
                         top_bucket[view] = bucket
                     else:
                         missing = True
@@ -294,11 +291,10 @@ def _rank_rows(
                         work_flags[count] = 0 if hit_level[h] <= zetas[z] else 1
                         select_values[count] = hit_value[h]
                         count += 1
-                # 1 <= need <= count by the choice of the target bucket; clamped anyway, as numba
-                # does not check bounds
-                need = min(max(plausible_total[view, z] - labelled_above[view, z], 1), count)
-                if count == 0:
+                if count == 0:  # impossible by the choice of the target bucket; numba checks no bounds
                     continue
+                # 1 <= need <= count by the choice of the target bucket; clamped anyway, as above
+                need = min(max(plausible_total[view, z] - labelled_above[view, z], 1), count)
                 threshold = _kth_largest(select_values, count, need)
                 more_above, plausible_higher, tied_implausible = 0, 0, 0
                 for h in range(count):

@@ -93,6 +93,16 @@ class PlausibilityLevels:
     query_has_labels: torch.Tensor
     row_index: torch.Tensor | None = None
 
+    @property
+    def num_levels(self) -> int:
+        """Distinct levels: ``0 .. max_zeta + 1`` (labelled) and ``max_zeta + 2`` (unlabelled)."""
+        return self.max_zeta + 3
+
+    @property
+    def considered(self) -> int:
+        """The last level of a labelled item: levels up to this one are ranked by PMRP."""
+        return self.max_zeta + 1
+
 
 @dataclass
 class BlockRanks:
@@ -276,9 +286,7 @@ def _rank_block(scores, ks, relevance, plausibility, zetas, fold_columns, fold_r
     buckets = num_buckets(n)
     num_groups = 2 if fold_columns is not None else 1
     if plausibility is not None:
-        max_zeta = plausibility.max_zeta
-        num_levels = max_zeta + 3
-        considered = max_zeta + 1  # levels <= this are labelled items (ranked by PMRP)
+        num_levels, considered = plausibility.num_levels, plausibility.considered
     else:
         num_levels, considered = 1, 0
     row_stride = num_groups * num_levels * buckets
@@ -493,8 +501,8 @@ def _rank_block_kernel(scores, ks, views, plausibility, zetas, fold_columns) -> 
     if plausibility is not None:
         levels = plausibility.levels.to(torch.int8).contiguous().numpy()
         level_row = plausibility.row_index if plausibility.row_index is not None else torch.arange(r)
-        group, max_zeta = plausibility.group_size, plausibility.max_zeta
-        num_levels, considered = max_zeta + 3, max_zeta + 1
+        group = plausibility.group_size
+        num_levels, considered = plausibility.num_levels, plausibility.considered
         has_labels = plausibility.query_has_labels.numpy()
     else:
         levels, level_row, group = np.zeros((1, n), np.int8), torch.zeros(r, dtype=torch.long), 1
@@ -513,9 +521,9 @@ def _rank_block_kernel(scores, ks, views, plausibility, zetas, fold_columns) -> 
         zetas=np.asarray(zetas, np.int64),
         has_labels=has_labels,
         fold=fold_columns,
-        item_keys=np.ascontiguousarray(item_keys),
-        query_keys=np.ascontiguousarray(query_keys),
-        relevant_counts=np.ascontiguousarray(counts),
+        item_keys=item_keys,
+        query_keys=query_keys,
+        relevant_counts=counts,
         ks=np.asarray(ks, np.int64),
         buckets=num_buckets(n),
     )
