@@ -7,7 +7,7 @@ searches of the same top-k:
 - naive: ``hf_pcme.distances.pairwise_csd`` on the whole (Q, N) matrix, then ``topk``: every call
   re-reads the means and the log variances (exp, squares) of all N items;
 - torch: ``CrossModalIndex(backend="torch")``: one matrix product per item block on the augmented
-  vectors ``[2 mu, -(|mu|^2 + sum sigma^2)]`` (REFERENCE.md section 2) + a running top-k;
+  vectors ``[2 mu, -(|mu|^2 + sum sigma^2)]`` (docs/formulas.md, "CSD as an inner product") + a running top-k;
 - faiss: ``CrossModalIndex(backend="faiss")``: ``IndexFlatIP`` on the same augmented vectors.
 
 Latency per query is measured for a single query (Q = 1, a retrieval service) and per query in a

@@ -71,7 +71,7 @@ def naive_original_loss(image_samples, text_samples, negative_scale, shift):
 
 @torch.no_grad()
 def float64_reference_loss(image_samples, text_samples, negative_scale, shift) -> float:
-    """REFERENCE.md's loss in float64, one image at a time (independent of both implementations)."""
+    """The loss of docs/formulas.md in float64, one image at a time (independent of both implementations)."""
     images, texts = image_samples.double(), text_samples.double()
     a, b = float(negative_scale), float(shift)
     log_count = math.log(images.shape[1] * texts.shape[1])

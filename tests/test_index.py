@@ -1,6 +1,6 @@
 """CrossModalIndex: exact search (torch and FAISS), CSD through augmented vectors, persistence, errors.
 
-Every expected ranking is computed here by brute force from the formulas of REFERENCE.md:
+Every expected ranking is computed here by brute force from the formulas of docs/formulas.md:
 cosine = mu_q . mu_t / (|mu_q| |mu_t|); CSD d = ||mu_v - mu_t||^2 + sum sigma_v^2 + sum sigma_t^2.
 """
 

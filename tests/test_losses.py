@@ -1,4 +1,4 @@
-"""Every loss against a brute-force loop over pairs (and samples) written from REFERENCE.md's formulas."""
+"""Every loss against a brute-force loop over pairs (and samples) written from the formulas of docs/formulas.md."""
 
 from __future__ import annotations
 

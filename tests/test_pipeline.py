@@ -1,7 +1,7 @@
 """The cross-modal-retrieval pipeline: brute-force equality, hot swap, errors, heatmaps, remote code.
 
 Expected rankings and probabilities are recomputed here from the model's embeddings with the
-formulas of REFERENCE.md (CSD, cosine, PCME++ / PCME match probabilities).
+formulas of docs/formulas.md (CSD, cosine, PCME++ / PCME match probabilities).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ def test_all_shipped_recipes_exist_and_load():
 
 
 def test_coco_recipe_has_the_original_hyper_parameters():
-    # REFERENCE.md §1 / naver-ai/pcme config/coco/pcme_coco.yaml.
+    # docs/formulas.md (PCME training recipe) / naver-ai/pcme config/coco/pcme_coco.yaml.
     recipe = load_recipe(REPO / "configs" / "coco_pcme.yaml")
     model, train = recipe.model, recipe.train
     assert model.vision_tower == "microsoft/resnet-152"

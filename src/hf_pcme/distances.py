@@ -373,7 +373,7 @@ def chunked_pairwise(
 
 
 # ---------------------------------------------------------------------------------------------
-# Exact CSD ranking as an inner product (PCME++; REFERENCE.md section 2)
+# Exact CSD ranking as an inner product (PCME++; docs/formulas.md, "CSD as an inner product")
 # ---------------------------------------------------------------------------------------------
 #: Rows of search vectors filled at once (bounds the temporaries of the augmentation).
 SEARCH_VECTOR_CHUNK_ROWS = 65536
@@ -430,7 +430,7 @@ def score_vectors(
 
         left(v) . right(t) = 2 mu_v . mu_t - c_v - c_t = -(|mu_v - mu_t|^2 + sum sigma_v^2 + sum sigma_t^2),
 
-    minus the CSD of PCME++ (REFERENCE.md, section 2). Unlike the query / item vectors of the index,
+    minus the CSD of PCME++ (docs/formulas.md, "CSD as an inner product"). Unlike the query / item vectors of the index,
     one pair of matrices serves both retrieval directions (``left @ right.T`` and its transpose) and
     no per-query offset is left to subtract after the product. Filled in row blocks.
     """
@@ -460,7 +460,7 @@ def query_search_vectors(
     """Query side: vectors ``(Q, K, D')`` and offsets ``(Q, K)`` with ``score = q . k - offset``.
 
     cosine: ``(mu / |mu|, 0)``, so the score is the cosine. csd: ``([mu, 1], |mu|^2 + sum sigma^2)``,
-    so the score is ``-d(v, t)`` exactly (REFERENCE.md, section 2).
+    so the score is ``-d(v, t)`` exactly (docs/formulas.md, "CSD as an inner product").
     """
     mean = as_embedding_rows(mean, "query_mean")
     if metric == "cosine":

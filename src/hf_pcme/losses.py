@@ -16,6 +16,7 @@ from .loss_csd import ClosedFormSampledDistanceLoss
 from .loss_infonce import InfoNCELoss
 from .loss_pvse import PolysemousTripletLoss
 from .loss_sampled_contrastive import SampledContrastiveLoss
+from .loss_siglip import SigmoidPairLoss
 from .loss_triplet import HardestNegativeTripletLoss
 from .registry import lookup
 
@@ -26,6 +27,7 @@ LOSSES: dict[str, type[nn.Module]] = {
     "vsepp": HardestNegativeTripletLoss,
     "pvse": PolysemousTripletLoss,
     "center": CrossModalCenterLoss,
+    "siglip": SigmoidPairLoss,
 }
 
 #: Keyword arguments the model supplies for every loss; each loss receives only those it accepts.

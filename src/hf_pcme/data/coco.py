@@ -1,6 +1,6 @@
 """MS-COCO 2014 captions in the Karpathy split, built from the official files with ``datasets``.
 
-Splits (REFERENCE.md §5): ``train`` = Karpathy train + restval (113,287 images, ~566k captions),
+Splits (docs/formulas.md, "Evaluation protocols"): ``train`` = Karpathy train + restval (113,287 images, ~566k captions),
 ``val`` (5,000 images) and ``test`` (5,000 images / 25,000 captions). One row per caption::
 
     image                datasets.Image()  path to the JPEG, decoded lazily (may be grayscale: see transforms)

@@ -26,6 +26,11 @@ from typing import Any, Literal
 
 import yaml
 
+from ..configuration_pcme import MATCH_FUNCTIONS
+from ..heads import HEADS
+from ..losses import LOSSES
+from ..registry import check_choice
+
 
 class _RecipeLoader(yaml.SafeLoader):
     """YAML loader that also reads ``1e-4`` as a float (YAML 1.1, and so PyYAML, needs ``1.0e-4``)."""
@@ -77,17 +82,17 @@ class ModelRecipe:
     vocab_min_frequency: int = 1
     max_caption_length: int = 64
     embed_dim: int = 1024
-    head_type: Literal["probabilistic", "deterministic", "polysemous"] = "probabilistic"
+    head_type: str = "probabilistic"  # a name in hf_pcme.heads.HEADS
     num_embeds: int = 2
     num_samples: int = 7
     attention_hidden_dim: int | None = None
     head_dropout: float = 0.0
-    loss_type: Literal["pcme", "pcme++", "infonce", "vsepp", "pvse", "center"] = "pcme"
+    loss_type: str = "pcme"  # a name in hf_pcme.losses.LOSSES
     loss_kwargs: dict = field(default_factory=dict)
     init_negative_scale: float = 15.0
     init_shift: float = 15.0
     init_log_sigma2: float | None = None
-    match_function: Literal["sampled", "csd"] = "sampled"
+    match_function: str = "sampled"  # a name in hf_pcme.configuration_pcme.MATCH_FUNCTIONS
 
 
 @dataclass
@@ -293,7 +298,15 @@ def _build(cls: type, values: dict[str, Any], section: str) -> Any:
 
 
 def _validate_values(recipe: Recipe) -> None:
-    """Range checks that types alone cannot express."""
+    """Range checks that types alone cannot express, and names checked against their registries."""
+    # The registries are the one list of choices: a new head, loss or match function is one file plus
+    # one registry line, and recipes accept it without an edit here.
+    for key, registry, value in (
+        ("model.head_type", HEADS, recipe.model.head_type),
+        ("model.loss_type", LOSSES, recipe.model.loss_type),
+        ("model.match_function", MATCH_FUNCTIONS, recipe.model.match_function),
+    ):
+        check_choice(value, registry, f"recipe key {key!r}:")
     positive = {
         "train.batch_size": recipe.train.batch_size,
         "train.grad_accum": recipe.train.grad_accum,
