@@ -8,8 +8,6 @@ from transformers import PreTrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from .configuration_text_encoders import PCMEBiGRUConfig
-from .heads import HEADS
-from .losses import LOSSES
 from .registry import lookup
 
 #: Tower configs shipped with this package. They are resolved here rather than through
@@ -94,8 +92,8 @@ class PCMEConfig(PreTrainedConfig):
         self.vision_config = resolve_tower_config("vision_config", self.vision_config, "resnet")
         self.text_config = resolve_tower_config("text_config", self.text_config, "pcme_bigru")
         self.loss_kwargs = dict(self.loss_kwargs or {})
-        lookup(HEADS, self.head_type, "head_type")
-        lookup(LOSSES, self.loss_type, "loss_type")
+        # head_type and loss_type are checked against their registries when the model is built: the
+        # configuration imports no nn code.
         lookup(MATCH_FUNCTIONS, self.match_function, "match_function")
         if not type(self).__module__.startswith("transformers_modules"):
             # A saved folder declares the retrieval pipeline as remote code (for environments without

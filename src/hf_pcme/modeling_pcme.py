@@ -30,6 +30,7 @@ from .distances import (
 from .heads import HEADS, UncertaintyBranch
 from .losses import build_loss
 from .outputs import ProbabilisticEmbedding
+from .registry import lookup
 from .text_encoders import PCMEBiGRUModel
 
 #: Built-in towers, instantiated directly (not through ``AutoModel``) so remote code works
@@ -196,7 +197,7 @@ class PCMEModel(PCMEPreTrainedModel):
         self.vision_model.config = self.config.vision_config
         self.text_model.config = self.config.text_config
 
-        head_class = HEADS[config.head_type]
+        head_class = lookup(HEADS, config.head_type, "head_type")
         self.image_head = self._build_head(head_class, tower_feature_dim(config.vision_config))
         self.text_head = self._build_head(head_class, tower_feature_dim(config.text_config))
 
