@@ -1,6 +1,7 @@
 """hf_pcme.uncertainty against brute-force computations done in the test (loops, hand formulas)."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -273,3 +274,72 @@ def test_calibration_pairs_all_or_a_seeded_subgrid():
 def test_bad_input_is_a_value_error_naming_the_argument(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+# ---------------------------------------------------------------------------- one model's report, end to end
+@pytest.fixture(scope="module")
+def tiny_shapes(tmp_path_factory):
+    from hf_pcme.data import load_dataset_by_name, make_retrieval_split
+
+    cache_dir = tmp_path_factory.mktemp("shapes_cache")
+    options = {"num_images": 8, "num_eval_images": 12, "image_size": 32}
+    return make_retrieval_split(load_dataset_by_name("shapes", split="test", cache_dir=cache_dir, **options))
+
+
+def _embed(model, view, scorer):
+    from accelerate import Accelerator
+
+    from hf_pcme.testing import tiny_processor
+    from hf_pcme.training.evaluation import encode_for_scorer
+
+    return encode_for_scorer(model, tiny_processor(), view, Accelerator(), scorer=scorer, batch_size=64)
+
+
+def test_write_uncertainty_report_writes_json_and_plots(tiny_shapes, tmp_path):
+    import json
+
+    from hf_pcme import PCMEModel
+    from hf_pcme.testing import tiny_pcme_config
+    from hf_pcme.uncertainty import REPORT_FILE, format_uncertainty_report, write_uncertainty_report
+
+    torch.manual_seed(0)
+    model = PCMEModel(tiny_pcme_config()).eval()
+    view = tiny_shapes
+    images, texts = _embed(model, view, "sampled")
+    report = write_uncertainty_report(tmp_path, model, view, images, texts, scorer="sampled", name="tiny", num_bins=4)
+
+    written = json.loads((tmp_path / REPORT_FILE).read_text())
+    assert written["name"] == "tiny" and written["calibration_target"] == "plausibility"
+    for path in report.plots.values():
+        assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(report.plots) == {"uncertainty_vs_vagueness", "binned_metrics", "reliability_diagram"}
+    # per-query values average to the reported metric
+    assert report.metrics["t2i_pmrp"] == pytest.approx(100 * np.nanmean(report.arrays["t2i_pmrp"]))
+    assert report.metrics["i2t_R@1"] == pytest.approx(100 * np.nanmean(report.arrays["i2t_R@1"]))
+    # vagueness = plausible images per caption, by a loop over the captions
+    vagueness = [int(view.plausibility(np.arange(view.num_images), [j]).sum()) for j in range(view.num_captions)]
+    assert report.arrays["caption_vagueness"].tolist() == vagueness
+    caption_sigma2 = texts.log_sigma2.exp().mean(-1).numpy()
+    assert report.vagueness["caption"].spearman_rho == pytest.approx(spearman_by_hand(caption_sigma2, vagueness))
+    assert written["vagueness"]["caption"]["spearman_rho"] == pytest.approx(report.vagueness["caption"].spearman_rho)
+    # calibration on every pair (60 x 12 is below the default cap) against the exact plausibility
+    match_prob = model.match_probability(images, texts).detach().numpy()
+    plausible = view.plausibility(np.arange(view.num_images), np.arange(view.num_captions))
+    assert report.calibration.num_pairs == view.num_images * view.num_captions
+    assert report.calibration.ece == pytest.approx(calibration(match_prob, plausible.astype(float)).ece)
+    assert [row["captions"] for row in report.levels] == [12] * 5
+    text = format_uncertainty_report(report)
+    assert "caption sigma^2 vs vagueness" in text and "ECE" in text
+
+
+def test_report_of_a_deterministic_model_has_calibration_only(tiny_shapes, tmp_path):
+    from hf_pcme import PCMEModel
+    from hf_pcme.testing import tiny_pcme_config
+    from hf_pcme.uncertainty import write_uncertainty_report
+
+    model = PCMEModel(tiny_pcme_config(head_type="deterministic")).eval()
+    images, texts = _embed(model, tiny_shapes, "cosine")
+    report = write_uncertainty_report(tmp_path, model, tiny_shapes, images, texts, scorer="cosine",
+                                      max_calibration_pairs=100)
+    assert not report.binned and not report.vagueness and set(report.plots) == {"reliability_diagram"}
+    assert report.calibration.num_pairs <= 100 and report.calibration.num_pairs >= 90
