@@ -343,3 +343,26 @@ def test_report_of_a_deterministic_model_has_calibration_only(tiny_shapes, tmp_p
                                       max_calibration_pairs=100)
     assert not report.binned and not report.vagueness and set(report.plots) == {"reliability_diagram"}
     assert report.calibration.num_pairs <= 100 and report.calibration.num_pairs >= 90
+
+
+def test_evaluate_script_uncertainty_report(tmp_path, capsys):
+    import importlib.util
+    import json
+
+    from hf_pcme import PCMEModel
+    from hf_pcme.testing import tiny_pcme_config, tiny_processor
+
+    folder = tmp_path / "model"
+    PCMEModel(tiny_pcme_config(match_function="csd")).save_pretrained(folder)
+    tiny_processor().save_pretrained(folder)
+    spec = importlib.util.spec_from_file_location("evaluate_script", Path(__file__).parent.parent / "scripts/evaluate.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    options = {"num_images": 8, "num_eval_images": 12, "image_size": 32, "cache_dir": tmp_path / "cache"}
+    report_dir = tmp_path / "report"
+    metrics = script.main(["--model", str(folder), "--dataset", "shapes", "--split", "test", "--uncertainty-report",
+                           "--output-dir", str(report_dir), *[f"--dataset-option={k}={v}" for k, v in options.items()]])
+    written = json.loads((report_dir / "uncertainty_report.json").read_text())
+    assert written["scorer"] == "csd" and written["metrics"]["t2i_pmrp"] == pytest.approx(metrics["t2i_pmrp"])
+    assert (report_dir / "reliability_diagram.png").is_file() and (report_dir / "uncertainty_vs_vagueness.png").is_file()
+    assert "uncertainty report:" in capsys.readouterr().out
