@@ -7,7 +7,7 @@ Pure functions of numpy arrays (or torch tensors), usable on any data set:
 - :func:`vagueness_correlation`: Spearman's rho and Kendall's tau between uncertainty and the
   *vagueness* of each query (how many items it plausibly matches), when that is known (shapes).
 - :func:`per_query_metrics` + :func:`binned_metrics`: the analysis of PCME (Chun et al., CVPR
-  2021, Sec. 5 "uncertainty analysis", R@1 per uncertainty bin) and PCME++ (Chun, ICLR 2024):
+  2021, its uncertainty analysis: R@1 per uncertainty bin) and PCME++ (Chun, ICLR 2024):
   queries sorted by uncertainty into equal-count bins, R@1, R-Precision and PMRP per bin, and the
   Spearman correlation of bin index vs metric (a meaningful uncertainty gives a negative one:
   the more uncertain a query, the worse it is retrieved).
@@ -48,7 +48,7 @@ MAX_CALIBRATION_PAIRS = 1 << 21
 def _vector(value: Any, name: str, *, allow_nan: bool = False) -> np.ndarray:
     """A finite 1-D float64 array (NaN allowed only where documented: a query that is not scored)."""
     if isinstance(value, torch.Tensor):
-        value = value.detach().float().cpu().numpy()
+        value = value.detach().cpu().double().numpy()
     try:
         array = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
@@ -235,8 +235,8 @@ def binned_metrics(
     Bins come from :func:`uncertainty_bins`. For bin ``b`` and metric ``m``:
     ``metric[m][b] = 100 * mean_{q in bin b, m(q) not NaN} m(q)``, and
     ``spearman_rho[m] = Spearman(b, metric[m][b])`` over the bins with a value (PCME, Chun et al.
-    CVPR 2021, Fig. "R@1 per uncertainty level"; PCME++, Chun ICLR 2024, the same plot and its
-    rank correlation). A meaningful uncertainty gives a *negative* rho.
+    CVPR 2021, uncertainty analysis: R@1 per uncertainty bin; PCME++, Chun ICLR 2024, the same
+    analysis with R@1 / R-Precision / PMRP). A meaningful uncertainty gives a *negative* rho.
 
     Args:
         uncertainty: ``(Q,)`` one value per query (e.g. :func:`embedding_uncertainty` of the queries).
@@ -364,10 +364,11 @@ def calibration(match_prob: Any, target: Any, num_bins: int = 10) -> Calibration
         num_bins: number of bins, >= 1.
     """
     num_bins = _check_num_bins(num_bins)
+    if tuple(np.shape(match_prob)) != tuple(np.shape(target)):
+        raise ValueError(f"match_prob and target must have the same shape, got {tuple(np.shape(match_prob))} and "
+                         f"{tuple(np.shape(target))}.")
     probabilities = _flat(match_prob, "match_prob")
     targets = _flat(target, "target")
-    if np.shape(match_prob) != np.shape(target):
-        raise ValueError(f"match_prob and target must have the same shape, got {np.shape(match_prob)} and {np.shape(target)}.")
     for name, array in (("match_prob", probabilities), ("target", targets)):
         if array.min() < 0 or array.max() > 1:
             raise ValueError(f"{name} must lie in [0, 1], got values in [{array.min():.4g}, {array.max():.4g}].")
