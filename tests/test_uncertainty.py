@@ -118,8 +118,11 @@ def _tiny_retrieval_case(seed):
     return scores, text_to_image, plausible
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_per_query_metrics_equal_loops_over_each_query(seed):
+@pytest.mark.parametrize("seed, ranking_path", [(0, "kernel"), (1, "kernel"), (0, "torch")])
+def test_per_query_metrics_equal_loops_over_each_query(seed, ranking_path, monkeypatch):
+    from hf_pcme.metrics import ranking
+
+    monkeypatch.setattr(ranking, "USE_KERNEL", ranking_path == "kernel")  # the compiled CPU kernel or the torch ops
     scores, text_to_image, plausible = _tiny_retrieval_case(seed)
     result = per_query_metrics(text_to_image, scores=scores, plausibility=plausible)
     pairs = text_to_image[None, :] == np.arange(scores.shape[0])[:, None]
@@ -366,3 +369,34 @@ def test_evaluate_script_uncertainty_report(tmp_path, capsys):
     assert written["scorer"] == "csd" and written["metrics"]["t2i_pmrp"] == pytest.approx(metrics["t2i_pmrp"])
     assert (report_dir / "reliability_diagram.png").is_file() and (report_dir / "uncertainty_vs_vagueness.png").is_file()
     assert "uncertainty report:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kind", ["coco", "cub"])
+def test_report_without_plausibility_calibrates_against_pairs_or_classes(kind):
+    from types import SimpleNamespace
+
+    from hf_pcme import PCMEModel, ProbabilisticEmbedding
+    from hf_pcme.testing import tiny_pcme_config
+    from hf_pcme.uncertainty import compute_uncertainty_report
+
+    generator = torch.Generator().manual_seed(0)
+    model = PCMEModel(tiny_pcme_config(match_function="csd")).eval()
+    text_to_image = np.repeat(np.arange(6), 2)
+
+    def embeds(count):
+        mean = torch.nn.functional.normalize(torch.randn(count, 8, generator=generator), dim=-1)
+        return ProbabilisticEmbedding(mean=mean, log_sigma2=torch.randn(count, 8, generator=generator) - 2)
+
+    images, texts = embeds(6), embeds(12)
+    labels = np.array([[1, 0, 1], [1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 1], [0, 1, 1]]) if kind == "coco" else None
+    classes = np.array([0, 0, 1, 1, 2, 2]) if kind == "cub" else None
+    view = SimpleNamespace(text_to_image=text_to_image, image_labels=labels, image_classes=classes, plausibility=None,
+                           caption_specificity=None, num_images=6, num_captions=12)
+    report = compute_uncertainty_report(model, view, images, texts, scorer="csd", num_bins=3)
+    assert report.calibration_target == ("pairs" if kind == "coco" else "classes")
+    same = (np.arange(6)[:, None] == text_to_image[None, :]) if kind == "coco" else (classes[:, None] == classes[text_to_image][None, :])
+    match_prob = model.match_probability(images, texts).detach().numpy()
+    assert report.calibration.ece == pytest.approx(calibration(match_prob, same.astype(float)).ece)
+    assert report.calibration.num_positive == same.sum()
+    assert not report.vagueness and not report.levels and set(report.binned) == {"i2t", "t2i"}
+    assert report.metrics["i2t_pmrp"] == pytest.approx(100 * np.nanmean(report.arrays["i2t_pmrp"]))
