@@ -166,17 +166,23 @@ def per_query_metrics(text_to_image: Any, **evaluate_kwargs: Any) -> dict[str, P
     """
     if evaluate_kwargs.get("protocol") is not None:
         raise ValueError("per_query_metrics ranks over the whole set; protocol must be None.")
+    return _evaluate_per_query(text_to_image=text_to_image, **evaluate_kwargs)[1]
+
+
+def _evaluate_per_query(**evaluate_kwargs: Any) -> tuple[dict[str, float], dict[str, PerQueryMetrics]]:
+    """The means of :func:`evaluate_retrieval` and the per-query values behind them."""
     values: dict[str, np.ndarray] = {}
-    evaluate_retrieval(text_to_image=text_to_image, per_query=values, **evaluate_kwargs)
-    result = {}
-    for direction in DIRECTIONS:
-        # R-Precision is against the positives when they differ from the pairs; R@1 always the pairs
-        result[direction] = PerQueryMetrics(
+    means = evaluate_retrieval(per_query=values, **evaluate_kwargs)
+    # R-Precision is against the positives when they differ from the pairs; R@1 always against the pairs
+    per_query = {
+        direction: PerQueryMetrics(
             recall_at_1=values[f"{direction}_R@1"],
             r_precision=values[f"{direction}_r_precision"],
             pmrp=values.get(f"{direction}_pmrp"),
         )
-    return result
+        for direction in DIRECTIONS
+    }
+    return means, per_query
 
 
 # ---------------------------------------------------------------------------- binned analysis
@@ -559,8 +565,7 @@ def compute_uncertainty_report(
     """
     num_bins = _check_num_bins(num_bins)
     calibration_bins = _check_num_bins(calibration_bins, "calibration_bins")
-    values: dict[str, np.ndarray] = {}
-    metrics = evaluate_retrieval(
+    metrics, per_query = _evaluate_per_query(
         text_to_image=view.text_to_image,
         image_embeds=image_embeds.mean,
         text_embeds=text_embeds.mean,
@@ -575,13 +580,7 @@ def compute_uncertainty_report(
         image_classes=view.image_classes,
         plausibility=view.plausibility,
         seed=seed,
-        per_query=values,
     )
-    per_query = {
-        direction: PerQueryMetrics(values[f"{direction}_R@1"], values[f"{direction}_r_precision"],
-                                   values.get(f"{direction}_pmrp"))
-        for direction in DIRECTIONS
-    }
     arrays: dict[str, np.ndarray] = {f"{d}_{k}": v for d, m in per_query.items() for k, v in m.as_dict().items()}
     vagueness, binned, auroc, levels = {}, {}, {}, []
     probabilistic = image_embeds.log_sigma2 is not None and text_embeds.log_sigma2 is not None
