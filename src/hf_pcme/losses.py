@@ -13,6 +13,7 @@ from torch import nn
 
 from .loss_center import CrossModalCenterLoss
 from .loss_csd import ClosedFormSampledDistanceLoss
+from .loss_inclusion import InclusionCSDLoss
 from .loss_infonce import InfoNCELoss
 from .loss_pvse import PolysemousTripletLoss
 from .loss_sampled_contrastive import SampledContrastiveLoss
@@ -26,6 +27,7 @@ LOSSES: dict[str, type[nn.Module]] = {
     "vsepp": HardestNegativeTripletLoss,
     "pvse": PolysemousTripletLoss,
     "center": CrossModalCenterLoss,
+    "prolip": InclusionCSDLoss,
 }
 
 #: Keyword arguments the model supplies for every loss; each loss receives only those it accepts.
