@@ -10,6 +10,9 @@ Embeds every image and caption of the split (progress bars), ranks with the mode
 R-Precision, MAP@R and PMRP: COCO instance labels (zeta 0, 1, 2; plus the 5-fold "1K" protocol
 on the 5K test split), CUB classes, or shapes' exact plausibility. Prints a table, writes the
 results as JSON, and with ``--update-card`` adds them to the model card's ``model-index``.
+``--uncertainty-report`` adds the uncertainty analysis (``hf_pcme.uncertainty``: sigma^2 vs
+vagueness, metrics per uncertainty bin, failure AUROC, calibration), printed and written as
+``uncertainty_report.json`` + PNG plots next to the model (or in ``--output-dir``).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from hf_pcme.data import load_dataset_by_name, make_retrieval_split
 from hf_pcme.metrics import SCORERS
 from hf_pcme.training.evaluation import coco_protocol, default_scorer, encode_for_scorer, retrieval_metrics
 from hf_pcme.training.model_card import TASK_NAME, TASK_TYPE, metric_display_name
+from hf_pcme.uncertainty import format_uncertainty_report, write_uncertainty_report
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the Monte-Carlo samples")
     parser.add_argument("--output", help="results JSON (default: <model folder>/eval_<dataset>_<split>.json)")
     parser.add_argument("--update-card", action="store_true", help="add the results to the model card's model-index")
+    parser.add_argument("--uncertainty-report", action="store_true",
+                        help="also analyse the uncertainty (whole split): print it, write its JSON and PNG plots")
+    parser.add_argument("--output-dir", help="folder of the uncertainty report (default: the model folder, else .)")
     return parser.parse_args(argv)
 
 
@@ -118,6 +125,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     output.write_text(json.dumps({"model": args.model, "dataset": args.dataset, "split": args.split,
                                   "scorer": scorer, "metrics": metrics}, indent=2))
     print(f"\nresults: {output}")
+    if args.uncertainty_report:
+        report_dir = Path(args.output_dir) if args.output_dir else (folder if folder.is_dir() else Path("."))
+        report = write_uncertainty_report(report_dir, model, view, images, texts, scorer=scorer, name=args.model,
+                                          seed=args.seed)
+        print("\n" + format_uncertainty_report(report))
     if args.update_card:
         if not folder.is_dir():
             raise ValueError(f"--update-card needs a local model folder; {args.model!r} is not one. Download it first.")

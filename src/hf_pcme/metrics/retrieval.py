@@ -43,6 +43,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import torch
 
 from .ranking import PlausibilityLevels, RelevanceView, Workspace, rank_block, single_cpu_thread
@@ -519,6 +520,7 @@ def evaluate_retrieval(
     shift: Any = None,
     seed: int = 0,
     num_workers: int | None = None,
+    per_query: dict[str, np.ndarray] | None = None,
 ) -> dict[str, float]:
     """All retrieval metrics of a test set, both directions, in percent (see the module docstring).
 
@@ -546,6 +548,12 @@ def evaluate_retrieval(
         num_samples, negative_scale, shift, seed: for ``scorer="sampled"``.
         num_workers: threads that score and rank chunks of rows, each on one CPU thread (default:
             torch's thread count, at most 8, on CPU; 1 on GPU).
+        per_query: a dict to fill with every query's values over the whole set (no ``1k/`` keys),
+            the same names as the returned means (``i2t_R@1``, ``t2i_r_precision``,
+            ``i2t_pmrp_zeta0``, ``t2i_pmrp`` = mean over ``zetas``, ...), each a float64 array of
+            ``(num_images,)`` (i2t) or ``(num_texts,)`` (t2i) in the caller's order, as fractions
+            in [0, 1] (not percent), NaN where the query is not scored (no relevant item). The mean
+            of the non-NaN entries / 100 is the returned value (PMRP: per zeta).
 
     Returns:
         A flat dict of floats in percent: ``i2t_R@1``, ..., ``rsum``, ``i2t_r_precision``,
@@ -651,14 +659,23 @@ def evaluate_retrieval(
     if plausible is not None and plausible.relation is None:
         plausible._image_table()  # shared by the workers: built once, before them
     # the workers run torch on one CPU thread each (see ranking.py)
+    rows_of_query = {"i2t": None, "t2i": None if layout.order is None else layout.order.cpu().numpy()}
+    sizes = {"i2t": num_images, "t2i": num_texts}
     with single_cpu_thread(device), ThreadPoolExecutor(max_workers=max(1, int(num_workers))) as pool:
         futures = [pool.submit(score_and_rank, direction, rows, sub_rows, fold_columns)
                    for direction, _, rows, sub_rows, fold_columns in tasks]  # fmt: skip
-        for (direction, fold, *_), future in zip(tasks, futures):  # in order: sums independent of timing
-            for ranks, fold_ranks in future.result():
+        for (direction, fold, rows, sub_rows, _), future in zip(tasks, futures):  # in order: sums independent of timing
+            for piece_start, (ranks, fold_ranks) in zip(range(rows.start, rows.stop, sub_rows), future.result()):
                 _accumulate(means, ranks, "", 0, direction, ks, plausible)
                 if fold_ranks is not None:
                     _accumulate(means, fold_ranks, "1k/", fold, direction, ks, plausible)
+                if per_query is not None:
+                    _record_per_query(per_query, ranks, piece_start, direction, ks, plausible, sizes[direction],
+                                      rows_of_query[direction])
+    if per_query is not None and plausible is not None and plausible.labels is not None:
+        for direction in DIRECTIONS:
+            per_zeta = np.stack([per_query[f"{direction}_pmrp_zeta{z}"] for z in plausible.zetas])
+            per_query[f"{direction}_pmrp"] = per_zeta.mean(0)  # NaN where a zeta does not score the query
     return _collect(means, prefixes, ks, relevance_kinds, plausible)
 
 
@@ -703,7 +720,23 @@ def _rows(source: ScoreSource, direction: str, rows: slice, workspace: Workspace
     return source.image_rows(rows, out=out) if direction == "i2t" else source.text_rows(rows, out=out)
 
 
+def _record_per_query(per_query: dict, ranks, piece_start: int, direction: str, ks, plausible, num_queries: int,
+                      original_index) -> None:
+    """Write one piece's per-query values (NaN = not scored) at the queries' positions in the caller's order."""
+    for name, values, valid in _columns(ranks, direction, ks, plausible):
+        if name not in per_query:
+            per_query[name] = np.full(num_queries, np.nan)
+        values = np.where(valid.cpu().numpy(), values.double().cpu().numpy(), np.nan)
+        positions = np.arange(piece_start, piece_start + values.shape[0])
+        per_query[name][positions if original_index is None else original_index[positions]] = values
+
+
 def _accumulate(means: _Means, ranks, prefix: str, fold: int, direction: str, ks, plausible) -> None:
+    means.add(prefix, fold, _columns(ranks, direction, ks, plausible))
+
+
+def _columns(ranks, direction: str, ks, plausible) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """The ``(metric name, per-query values, valid)`` columns of one ranked piece."""
     columns = []
     for name, hits in ranks.recall_hits.items():
         valid = ranks.valid[name]
@@ -717,7 +750,7 @@ def _accumulate(means: _Means, ranks, prefix: str, fold: int, direction: str, ks
         for column, zeta in enumerate(plausible.zetas):
             name = f"{direction}_pmrp_zeta{zeta}" if plausible.labels is not None else f"{direction}_pmrp"
             columns.append((name, ranks.pmrp[:, column], ranks.pmrp_valid[:, column]))
-    means.add(prefix, fold, columns)
+    return columns
 
 
 def _collect(means: _Means, prefixes, ks, relevance_kinds, plausible) -> dict[str, float]:
