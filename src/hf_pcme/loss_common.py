@@ -46,6 +46,19 @@ def resolve_positive_mask(
     return positive_mask.to(device)
 
 
+def check_soft_targets(soft_targets: torch.Tensor, positive_mask: torch.Tensor) -> torch.Tensor:
+    """Soft match targets ``(N_img, N_txt)`` in [0, 1] (e.g. mixed images), checked against ``positive_mask``'s shape."""
+    if not isinstance(soft_targets, torch.Tensor) or not soft_targets.is_floating_point():
+        raise ValueError("soft_targets must be a float torch.Tensor of match targets in [0, 1], "
+                         f"got {type(soft_targets).__name__} {getattr(soft_targets, 'dtype', '')}.")
+    if soft_targets.shape != positive_mask.shape:
+        raise ValueError(f"soft_targets must have the shape of the positive mask {tuple(positive_mask.shape)}, "
+                         f"got {tuple(soft_targets.shape)}.")
+    if not bool(((soft_targets >= 0) & (soft_targets <= 1)).all()):
+        raise ValueError("soft_targets must lie in [0, 1] (NaN is refused too).")
+    return soft_targets.to(positive_mask.device)
+
+
 def match_parameters(
     negative_scale: torch.Tensor | None, shift: torch.Tensor | None, loss_name: str
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,6 +13,7 @@ from torch import nn
 
 from .loss_center import CrossModalCenterLoss
 from .loss_csd import ClosedFormSampledDistanceLoss
+from .loss_inclusion import InclusionCSDLoss
 from .loss_infonce import InfoNCELoss
 from .loss_pvse import PolysemousTripletLoss
 from .loss_sampled_contrastive import SampledContrastiveLoss
@@ -28,6 +29,7 @@ LOSSES: dict[str, type[nn.Module]] = {
     "pvse": PolysemousTripletLoss,
     "center": CrossModalCenterLoss,
     "siglip": SigmoidPairLoss,
+    "prolip": InclusionCSDLoss,
 }
 
 #: Keyword arguments the model supplies for every loss; each loss receives only those it accepts.

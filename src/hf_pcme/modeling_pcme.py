@@ -373,8 +373,13 @@ class PCMEModel(PCMEPreTrainedModel):
         text_embeds: ProbabilisticEmbedding,
         positive_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
+        **loss_inputs: Any,
     ):
-        """The configured loss on (possibly gathered) embeddings, with the model's a and b."""
+        """The configured loss on (possibly gathered) embeddings, with the model's a and b.
+
+        ``loss_inputs`` (e.g. ``soft_targets``, ``partial_text``) go to the loss as they are; only
+        the losses that declare them accept them.
+        """
         return self.criterion(
             image_embeds,
             text_embeds,
@@ -382,6 +387,7 @@ class PCMEModel(PCMEPreTrainedModel):
             negative_scale=self.negative_scale,
             shift=self.shift,
             labels=labels,
+            **loss_inputs,
         )
 
 

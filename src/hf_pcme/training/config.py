@@ -134,6 +134,13 @@ class TrainRecipe:
     many steps without a final checkpoint, as a kill would (for testing ``--resume``).
     ``find_unused_parameters`` is passed to DDP (needed only if some trainable parameter does not
     reach the loss).
+
+    Uncertainty recipes (``hf_pcme.training.augment``, issue 12): ``freeze_uncertainty`` fixes every
+    log variance at ``model.init_log_sigma2`` (the "without uncertainty" ablation);
+    ``duplicate_caption_positives`` makes captions with identical text positives of each other's
+    images; ``mix_batch_ratio`` mixes that fraction of the images (PCME++ mixup / cutmix, soft
+    targets); ``partial_caption_ratio`` / ``word_drop_prob`` make word-dropped captions for the
+    ``prolip`` inclusion loss.
     """
 
     batch_size: int = 128
@@ -165,6 +172,11 @@ class TrainRecipe:
     load_best_at_end: bool = False
     log_every: int = 10
     stop_after_steps: int | None = None
+    freeze_uncertainty: bool = False
+    duplicate_caption_positives: bool = False
+    mix_batch_ratio: float = 0.0
+    partial_caption_ratio: float = 0.0
+    word_drop_prob: float = 0.5
 
 
 @dataclass
@@ -341,6 +353,14 @@ def _validate_values(recipe: Recipe) -> None:
     for key, value in non_negative.items():
         if value < 0:
             raise ValueError(f"Recipe key {key!r} must be >= 0, got {value}.")
+    for key in ("mix_batch_ratio", "partial_caption_ratio"):
+        if not 0.0 <= getattr(recipe.train, key) <= 1.0:
+            raise ValueError(f"Recipe key 'train.{key}' must be in [0, 1], got {getattr(recipe.train, key)}.")
+    if not 0.0 <= recipe.train.word_drop_prob < 1.0:
+        raise ValueError(f"Recipe key 'train.word_drop_prob' must be in [0, 1), got {recipe.train.word_drop_prob}.")
+    if recipe.train.freeze_uncertainty and recipe.model.head_type != "probabilistic":
+        raise ValueError("Recipe key 'train.freeze_uncertainty' needs model.head_type 'probabilistic' "
+                         f"(a {recipe.model.head_type!r} head has no variance).")
     if not 0.0 <= recipe.train.min_lr_ratio <= 1.0:
         raise ValueError(f"Recipe key 'train.min_lr_ratio' must be in [0, 1], got {recipe.train.min_lr_ratio}.")
     if recipe.train.grad_clip is not None and recipe.train.grad_clip <= 0:

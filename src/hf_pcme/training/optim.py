@@ -63,6 +63,29 @@ def freeze_towers(model: nn.Module, frozen: Iterable[str]) -> None:
     apply_frozen_eval_mode(model)
 
 
+def freeze_uncertainty(model: nn.Module) -> None:
+    """Fix every log variance at its initial value: the "without uncertainty" ablation of PCME.
+
+    The projections of each uncertainty branch are zeroed, so ``log_sigma2`` is the branch's bias
+    (``init_log_sigma2``) for every input, and the whole branch is made untrainable. Call it before
+    the first :func:`freeze_towers`, which then keeps the branch frozen in every phase.
+    """
+    from ..heads import UncertaintyBranch
+
+    branches = [module for module in model.modules() if isinstance(module, UncertaintyBranch)]
+    if not branches:
+        raise ValueError("freeze_uncertainty needs a probabilistic head (head_type='probabilistic'); "
+                         "this model has no uncertainty branch.")
+    with torch.no_grad():
+        for branch in branches:
+            branch.local_proj.weight.zero_()
+            branch.global_proj.weight.zero_()
+            branch.requires_grad_(False)
+    if hasattr(model, "_hf_pcme_trainable"):
+        branch_ids = {id(p) for branch in branches for p in branch.parameters()}
+        model._hf_pcme_trainable -= {name for name, p in model.named_parameters() if id(p) in branch_ids}
+
+
 def apply_frozen_eval_mode(model: nn.Module) -> None:
     """Put the towers frozen by :func:`freeze_towers` in eval mode (call after ``model.train()``)."""
     for module in tower_modules(model, getattr(model, "_hf_pcme_frozen_towers", [])):
@@ -135,6 +158,7 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "freeze_towers",
+    "freeze_uncertainty",
     "parameter_groups",
     "tower_modules",
 ]

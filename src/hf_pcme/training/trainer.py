@@ -48,7 +48,7 @@ from .data import load_splits, make_batch_sampler, make_training_rows, select_fi
 from .evaluation import evaluate_model
 from .model_card import write_model_card
 from .module import ContrastiveTrainingModule
-from .optim import build_optimizer, build_scheduler, freeze_towers
+from .optim import build_optimizer, build_scheduler, freeze_towers, freeze_uncertainty
 from .tracking import JsonLinesTracker, make_trackers
 
 logger = logging.getLogger(__name__)
@@ -210,6 +210,8 @@ class Trainer:
         captions = train_split.select_columns(["caption"])["caption"] if needs_captions else None
         self.processor = build_processor(recipe, captions)
         self.model = build_model(recipe, self.processor.tokenizer)
+        if recipe.train.freeze_uncertainty:
+            freeze_uncertainty(self.model)
         self.train_rows = make_training_rows(
             recipe, train_split, self.processor, progress=accelerator.is_local_main_process
         )
@@ -237,7 +239,12 @@ class Trainer:
         accelerator.free_memory()  # drop the previous phase's wrappers (and DDP's gradient hooks)
         self.module = self.optimizer = self.scheduler = self.train_loader = None
         freeze_towers(self.model, phase.frozen)
-        module = ContrastiveTrainingModule(self.model, diagonal_positives_only=train.diagonal_positives_only)
+        module = ContrastiveTrainingModule(
+            self.model, diagonal_positives_only=train.diagonal_positives_only,
+            duplicate_caption_positives=train.duplicate_caption_positives, mix_batch_ratio=train.mix_batch_ratio,
+            partial_caption_ratio=train.partial_caption_ratio, word_drop_prob=train.word_drop_prob,
+            protected_token_ids=tuple(getattr(self.processor.tokenizer, "all_special_ids", ())),
+        )
         optimizer = build_optimizer(
             self.model, phase.lr, train.weight_decay, train.tower_lr_multiplier, train.optimizer
         )
