@@ -36,6 +36,10 @@ from .text_encoders import PCMEBiGRUModel
 #: without ``hf_pcme`` being installed.
 BUILTIN_TOWERS: dict[str, type[PreTrainedModel]] = {"pcme_bigru": PCMEBiGRUModel}
 
+#: Offsets of the images' and the captions' generator seeds (``2 * inference_seed + stream``), so the two
+#: modalities draw independent noise (the metrics' sampled scorer uses the same convention).
+_IMAGE_STREAM, _TEXT_STREAM = 0, 1
+
 #: Rows of the query side processed at once by the pairwise scores, bounding the
 #: (rows x J) x (M x J) intermediate of the sampled match probability.
 PAIRWISE_CHUNK_SIZE = 256
@@ -252,14 +256,16 @@ class PCMEModel(PCMEPreTrainedModel):
         """Embed images: ``pixel_values (B, 3, H, W)`` -> :class:`ProbabilisticEmbedding`.
 
         ``num_samples`` (default ``config.num_samples``; 0 = none) samples are drawn for
-        probabilistic heads; pass a ``generator`` for reproducible samples.
+        probabilistic heads: in eval mode from a generator seeded by ``config.inference_seed``
+        (the same inputs give the same samples), in training mode fresh; a ``generator`` (on the
+        inputs' device) overrides both.
         """
         if pixel_values is None or pixel_values.dim() != 4:
             shape = None if pixel_values is None else tuple(pixel_values.shape)
             raise ValueError(f"pixel_values must be a (batch, channels, height, width) tensor, got {shape}.")
         outputs = self.vision_model(pixel_values=pixel_values)
         local, pooled, mask = tower_local_and_global(outputs)
-        return self._with_samples(self.image_head(local, pooled, mask), num_samples, generator)
+        return self._with_samples(self.image_head(local, pooled, mask), num_samples, generator, _IMAGE_STREAM)
 
     def get_text_features(
         self,
@@ -269,7 +275,10 @@ class PCMEModel(PCMEPreTrainedModel):
         generator: torch.Generator | None = None,
         **text_kwargs: Any,
     ) -> ProbabilisticEmbedding:
-        """Embed captions: ``input_ids (B, L)`` (+ ``attention_mask``) -> :class:`ProbabilisticEmbedding`."""
+        """Embed captions: ``input_ids (B, L)`` (+ ``attention_mask``) -> :class:`ProbabilisticEmbedding`.
+
+        Samples as in :meth:`get_image_features` (captions use their own seeded stream in eval mode).
+        """
         if input_ids is None or input_ids.dim() != 2:
             shape = None if input_ids is None else tuple(input_ids.shape)
             raise ValueError(f"input_ids must be a (batch, length) tensor, got {shape}.")
@@ -279,17 +288,39 @@ class PCMEModel(PCMEPreTrainedModel):
             )
         outputs = self.text_model(input_ids=input_ids, attention_mask=attention_mask, **text_kwargs)
         local, pooled, mask = tower_local_and_global(outputs, attention_mask)
-        return self._with_samples(self.text_head(local, pooled, mask), num_samples, generator)
+        return self._with_samples(self.text_head(local, pooled, mask), num_samples, generator, _TEXT_STREAM)
 
     def _with_samples(
-        self, embedding: ProbabilisticEmbedding, num_samples: int | None, generator: torch.Generator | None
+        self,
+        embedding: ProbabilisticEmbedding,
+        num_samples: int | None,
+        generator: torch.Generator | None,
+        stream: int = _IMAGE_STREAM,
     ) -> ProbabilisticEmbedding:
         if embedding.log_sigma2 is None:
             return embedding
         num_samples = self.config.num_samples if num_samples is None else num_samples
         if num_samples > 0:
+            generator = self._sampling_generator(embedding.mean.device, generator, stream)
             embedding.samples = sample_gaussian(embedding.mean, embedding.log_sigma2, num_samples, generator)
         return embedding
+
+    def _sampling_generator(
+        self, device: torch.device, generator: torch.Generator | None, stream: int
+    ) -> torch.Generator | None:
+        """The generator of one modality's samples: the caller's, else (eval mode) one seeded by
+        ``2 * config.inference_seed + stream`` on ``device``, else ``None`` (torch's global generator)."""
+        if generator is not None:
+            if generator.device.type != device.type:
+                raise ValueError(
+                    f"generator is on {generator.device} but the embeddings are on {device}; create it there: "
+                    f"torch.Generator(device={str(device)!r}).manual_seed(seed)."
+                )
+            return generator
+        seed = getattr(self.config, "inference_seed", None)
+        if self.training or seed is None:
+            return None
+        return torch.Generator(device=device).manual_seed(2 * int(seed) + stream)
 
     # ------------------------------------------------------------------ scoring
     def match_probability(self, image_embeds: ProbabilisticEmbedding, text_embeds: ProbabilisticEmbedding) -> torch.Tensor:
@@ -338,6 +369,7 @@ class PCMEModel(PCMEPreTrainedModel):
         labels: torch.LongTensor | None = None,
         num_samples: int | None = None,
         return_dict: bool | None = None,
+        generator: torch.Generator | None = None,
         **text_kwargs: Any,
     ) -> PCMEOutput | tuple:
         """Embed a batch of images and captions, score every pair, and optionally compute the loss.
@@ -346,9 +378,14 @@ class PCMEModel(PCMEPreTrainedModel):
             positive_mask: ``(N_img, N_txt)`` bool, which pairs match; ``None`` = the diagonal
                 (pair i is image i with caption i).
             labels: ``(N,)`` class ids, for the cross-modal centre loss.
+            generator: draws the Monte-Carlo samples (images first, then captions); default: in
+                eval mode ``config.inference_seed`` (the same as :meth:`get_image_features` and
+                :meth:`get_text_features` called separately), in training mode fresh noise.
         """
-        image_embeds = self.get_image_features(pixel_values, num_samples=num_samples)
-        text_embeds = self.get_text_features(input_ids, attention_mask, num_samples=num_samples, **text_kwargs)
+        image_embeds = self.get_image_features(pixel_values, num_samples=num_samples, generator=generator)
+        text_embeds = self.get_text_features(
+            input_ids, attention_mask, num_samples=num_samples, generator=generator, **text_kwargs
+        )
         logits, match_prob = self._pairwise(image_embeds, text_embeds)
         loss = components = None
         if return_loss:
