@@ -72,6 +72,24 @@ class PCMEOutput(ModelOutput):
         return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in self.values())
 
 
+def missing_config_error(name_or_path: str | os.PathLike, subfolder: str | None = None) -> FileNotFoundError | None:
+    """The error for a local model folder that has no ``config.json`` (``None`` if it has one or is no folder).
+
+    transformers would instead build a default config (``PCMEModel``) or ask for a ``model_type`` key
+    (``AutoModel``, ``pipeline``), neither of which says what is wrong.
+    """
+    folder = os.path.join(str(name_or_path), subfolder) if subfolder else str(name_or_path)
+    if not os.path.isdir(folder) or os.path.isfile(os.path.join(folder, "config.json")):
+        return None
+    present = sorted(os.listdir(folder))
+    listing = ", ".join(present[:8]) + (" ..." if len(present) > 8 else "") if present else "nothing"
+    return FileNotFoundError(
+        f"config.json not found in {folder} (it holds {listing}). A saved model folder has config.json next to "
+        "its weights (model.safetensors): pass the folder that model.save_pretrained(...) wrote, or the "
+        "checkpoint's parent if this is one of its sub-folders."
+    )
+
+
 def build_tower(config: PreTrainedConfig) -> PreTrainedModel:
     """Instantiate a randomly initialised tower from its config (built-in or any transformers model)."""
     builtin = BUILTIN_TOWERS.get(config.model_type)
@@ -132,8 +150,14 @@ class PCMEPreTrainedModel(PreTrainedModel):
         """``PreTrainedModel.from_pretrained`` that refuses to return a half-loaded model.
 
         Corrupt or truncated weight files and checkpoints that lack some of the model's weights raise
-        an ``OSError`` naming the folder, instead of silently leaving weights randomly initialised.
+        an ``OSError`` naming the folder, instead of silently leaving weights randomly initialised; a
+        local folder without ``config.json`` raises ``FileNotFoundError`` (instead of building a default
+        model whose weights then do not fit).
         """
+        if kwargs.get("config") is None:
+            missing_config = missing_config_error(pretrained_model_name_or_path, kwargs.get("subfolder"))
+            if missing_config is not None:
+                raise missing_config
         output_loading_info = kwargs.pop("output_loading_info", False)
         try:
             model, loading_info = super().from_pretrained(
@@ -449,4 +473,12 @@ def _max_cosine(mean_x: torch.Tensor, mean_y: torch.Tensor) -> torch.Tensor:
     return max_pair_similarity(x, y)
 
 
-__all__ = ["PCMEModel", "PCMEPreTrainedModel", "PCMEOutput", "build_tower", "load_pretrained_tower", "tower_local_and_global"]
+__all__ = [
+    "PCMEModel",
+    "PCMEPreTrainedModel",
+    "PCMEOutput",
+    "build_tower",
+    "load_pretrained_tower",
+    "missing_config_error",
+    "tower_local_and_global",
+]
