@@ -23,17 +23,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-from accelerate import Accelerator
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
-from transformers import AutoModel, AutoProcessor
+# Heavy imports (torch, transformers, hf_pcme) happen in main(), so that --help answers at once.
 
-import hf_pcme  # noqa: F401  (registers "pcme")
-from hf_pcme.data import load_dataset_by_name, make_retrieval_split
-from hf_pcme.metrics import SCORERS
-from hf_pcme.training.evaluation import coco_protocol, default_scorer, encode_for_scorer, retrieval_metrics
-from hf_pcme.training.model_card import TASK_NAME, TASK_TYPE, metric_display_name
-from hf_pcme.uncertainty import format_uncertainty_report, write_uncertainty_report
+#: The ranking scores of ``hf_pcme.metrics.SCORERS`` (checked against it in main()).
+SCORER_CHOICES = ("cosine", "csd", "polysemous", "sampled")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,10 +38,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--karpathy-json", help="COCO: path of dataset_coco.json (default: under --data-dir)")
     parser.add_argument("--dataset-option", action="append", default=[], metavar="KEY=VALUE",
                         help="extra loader argument, e.g. num_images=4000 for shapes (repeatable)")
-    parser.add_argument("--scorer", choices=sorted(SCORERS), help="ranking score (default: the model's own)")
-    parser.add_argument("--num-samples", type=int, default=7, help="J, for --scorer sampled")
+    parser.add_argument("--scorer", choices=SCORER_CHOICES, help="ranking score (default: the model's own)")
+    parser.add_argument("--num-samples", type=int, help="J, for --scorer sampled (default: the model's num_samples)")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the Monte-Carlo samples")
+    parser.add_argument("--seed", type=int, help="seed of the Monte-Carlo samples (default: the model's inference_seed)")
     parser.add_argument("--output", help="results JSON (default: <model folder>/eval_<dataset>_<split>.json)")
     parser.add_argument("--update-card", action="store_true", help="add the results to the model card's model-index")
     parser.add_argument("--uncertainty-report", action="store_true",
@@ -58,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def dataset_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    import yaml
+
     kwargs: dict[str, Any] = {"split": args.split}
     if args.data_dir:
         kwargs["data_dir"] = args.data_dir
@@ -72,6 +67,8 @@ def dataset_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_table(metrics: dict[str, float], title: str) -> None:
+    from hf_pcme.evaluation import metric_display_name
+
     print(f"\n{title}")
     prefixes = sorted({key.rpartition("/")[0] for key in metrics}, key=lambda p: (p != "", p))
     for prefix in prefixes:
@@ -85,6 +82,10 @@ def print_table(metrics: dict[str, float], title: str) -> None:
 
 def update_model_card(folder: Path, metrics: dict[str, float], dataset: str, split: str) -> Path:
     """Add (or replace) this dataset/split's results in ``folder/README.md``'s model-index."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    from hf_pcme.evaluation import TASK_NAME, TASK_TYPE, metric_display_name
+
     path = folder / "README.md"
     card = ModelCard.load(path) if path.is_file() else ModelCard(f"---\n{ModelCardData().to_yaml()}\n---\n")
     kept = [
@@ -106,6 +107,17 @@ def update_model_card(folder: Path, metrics: dict[str, float], dataset: str, spl
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
+    from accelerate import Accelerator
+    from transformers import AutoModel, AutoProcessor
+
+    import hf_pcme  # noqa: F401  (registers "pcme")
+    from hf_pcme.data import load_dataset_by_name, make_retrieval_split
+    from hf_pcme.evaluation import coco_protocol, default_scorer, encode_for_scorer, retrieval_metrics
+    from hf_pcme.metrics import SCORERS
+    from hf_pcme.uncertainty import format_uncertainty_report, write_uncertainty_report
+
+    if set(SCORER_CHOICES) != set(SCORERS):  # a new scorer must be listed in SCORER_CHOICES too
+        raise RuntimeError(f"scripts/evaluate.py lists scorers {SCORER_CHOICES}; hf_pcme.metrics has {sorted(SCORERS)}.")
     accelerator = Accelerator()
     model = AutoModel.from_pretrained(args.model).to(accelerator.device)
     processor = AutoProcessor.from_pretrained(args.model)
@@ -116,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     images, texts = encode_for_scorer(model, processor, view, accelerator, scorer=scorer, batch_size=args.batch_size,
                                       num_samples=args.num_samples, progress_bar=True)
     metrics = retrieval_metrics(model, view, images, texts, scorer=scorer, protocol=coco_protocol(args.dataset, view),
-                                seed=args.seed)
+                                seed=args.seed, num_samples=args.num_samples)
     if not accelerator.is_main_process:
         return metrics
     print_table(metrics, f"{args.model} on {args.dataset}/{args.split} ({scorer}), percent")

@@ -34,7 +34,7 @@ from transformers import AutoModel, AutoProcessor, pipeline
 import hf_pcme  # noqa: F401  (registers "pcme" and the pipeline)
 from hf_pcme.data import load_dataset_by_name, make_retrieval_split
 from hf_pcme.training import load_recipe
-from hf_pcme.training.evaluation import default_scorer, encode_for_scorer, retrieval_metrics
+from hf_pcme.evaluation import default_scorer, encode_for_scorer, retrieval_metrics
 from hf_pcme.training.trainer import train
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -63,9 +63,10 @@ def evaluate_on_test(model, processor, test_view, recipe, accelerator: Accelerat
     scorer = default_scorer(model)
     images, texts = encode_for_scorer(model, processor, test_view, accelerator, scorer=scorer,
                                       batch_size=recipe.eval.batch_size, num_samples=recipe.eval.num_samples)
-    metrics = retrieval_metrics(model, test_view, images, texts, scorer=scorer, seed=recipe.seed)
+    # seed and J default to the model's inference_seed and num_samples, as in scripts/evaluate.py
+    metrics = retrieval_metrics(model, test_view, images, texts, scorer=scorer, num_samples=recipe.eval.num_samples)
     levels = {
-        int(level): retrieval_metrics(model, test_view, images, texts, scorer=scorer, seed=recipe.seed,
+        int(level): retrieval_metrics(model, test_view, images, texts, scorer=scorer, num_samples=recipe.eval.num_samples,
                                       caption_rows=np.flatnonzero(test_view.caption_specificity == level))
         for level in sorted(set(test_view.caption_specificity.tolist()))
     }

@@ -4,6 +4,8 @@ Load it from this folder, offline: ``evaluate.load("<repo>/metrics/pcme_retrieva
 is done by :func:`hf_pcme.metrics.evaluate_retrieval` (``pip install hf_pcme``).
 """
 
+import inspect
+
 import datasets
 import evaluate
 from hf_pcme.metrics import evaluate_retrieval
@@ -72,4 +74,11 @@ class PcmeRetrieval(evaluate.Metric):
         )
 
     def _compute(self, text_to_image, **kwargs):
+        accepted = sorted(set(inspect.signature(evaluate_retrieval).parameters) - {"text_to_image"})
+        unknown = sorted(set(kwargs) - set(accepted))
+        if unknown:
+            raise ValueError(
+                f"Unknown argument(s) {', '.join(unknown)} for pcme_retrieval; it accepts text_to_image and "
+                f"{', '.join(accepted)}."
+            )
         return evaluate_retrieval(text_to_image=text_to_image, **kwargs)

@@ -32,6 +32,9 @@ def _register() -> None:
     PCMEModel.register_for_auto_class("AutoModel")
     PCMEProcessor.register_for_auto_class("AutoProcessor")
     register_pipeline()
+    from .auto_hooks import install
+
+    install()  # "config.json not found in DIR" from AutoModel / pipeline
 
 
 _register()

@@ -68,6 +68,11 @@ class PCMEConfig(PreTrainedConfig):
         match_function: how ``match_probability`` is computed: ``"sampled"`` (PCME, J x J
             sample pairs) or ``"csd"`` (PCME++, ``sigmoid(-a * CSD + b)``).
         initializer_range: std of the normal initialisation of the heads' linear layers.
+        inference_seed: seed of the Monte-Carlo samples drawn in eval mode (``model.eval()``), so
+            eval-mode outputs are a function of the inputs and this seed: images draw from a
+            generator seeded ``2 * inference_seed``, captions from ``2 * inference_seed + 1``, created per
+            call on the input's device. ``None`` = fresh noise from torch's global generator. A
+            ``generator=`` argument overrides it per call; training mode always uses fresh noise.
     """
 
     model_type = "pcme"
@@ -87,6 +92,7 @@ class PCMEConfig(PreTrainedConfig):
     init_log_sigma2: float | None = None
     match_function: str = "sampled"
     initializer_range: float = 0.02
+    inference_seed: int | None = 0
 
     def __post_init__(self, **kwargs: Any):
         self.vision_config = resolve_tower_config("vision_config", self.vision_config, "resnet")

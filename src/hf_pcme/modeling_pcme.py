@@ -37,6 +37,10 @@ from .text_encoders import PCMEBiGRUModel
 #: without ``hf_pcme`` being installed.
 BUILTIN_TOWERS: dict[str, type[PreTrainedModel]] = {"pcme_bigru": PCMEBiGRUModel}
 
+#: Offsets of the images' and the captions' generator seeds (``2 * inference_seed + stream``), so the two
+#: modalities draw independent noise (the metrics' sampled scorer uses the same convention).
+_IMAGE_STREAM, _TEXT_STREAM = 0, 1
+
 #: Rows of the query side processed at once by the pairwise scores, bounding the
 #: (rows x J) x (M x J) intermediate of the sampled match probability.
 PAIRWISE_CHUNK_SIZE = 256
@@ -67,6 +71,24 @@ class PCMEOutput(ModelOutput):
 
     def to_tuple(self) -> tuple[Any, ...]:
         return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in self.values())
+
+
+def missing_config_error(name_or_path: str | os.PathLike, subfolder: str | None = None) -> FileNotFoundError | None:
+    """The error for a local model folder that has no ``config.json`` (``None`` if it has one or is no folder).
+
+    transformers would instead build a default config (``PCMEModel``) or ask for a ``model_type`` key
+    (``AutoModel``, ``pipeline``), neither of which says what is wrong.
+    """
+    folder = os.path.join(str(name_or_path), subfolder) if subfolder else str(name_or_path)
+    if not os.path.isdir(folder) or os.path.isfile(os.path.join(folder, "config.json")):
+        return None
+    present = sorted(os.listdir(folder))
+    listing = ", ".join(present[:8]) + (" ..." if len(present) > 8 else "") if present else "nothing"
+    return FileNotFoundError(
+        f"config.json not found in {folder} (it holds {listing}). A saved model folder has config.json next to "
+        "its weights (model.safetensors): pass the folder that model.save_pretrained(...) wrote, or the "
+        "checkpoint's parent if this is one of its sub-folders."
+    )
 
 
 def build_tower(config: PreTrainedConfig) -> PreTrainedModel:
@@ -129,8 +151,14 @@ class PCMEPreTrainedModel(PreTrainedModel):
         """``PreTrainedModel.from_pretrained`` that refuses to return a half-loaded model.
 
         Corrupt or truncated weight files and checkpoints that lack some of the model's weights raise
-        an ``OSError`` naming the folder, instead of silently leaving weights randomly initialised.
+        an ``OSError`` naming the folder, instead of silently leaving weights randomly initialised; a
+        local folder without ``config.json`` raises ``FileNotFoundError`` (instead of building a default
+        model whose weights then do not fit).
         """
+        if kwargs.get("config") is None:
+            missing_config = missing_config_error(pretrained_model_name_or_path, kwargs.get("subfolder"))
+            if missing_config is not None:
+                raise missing_config
         output_loading_info = kwargs.pop("output_loading_info", False)
         try:
             model, loading_info = super().from_pretrained(
@@ -253,14 +281,16 @@ class PCMEModel(PCMEPreTrainedModel):
         """Embed images: ``pixel_values (B, 3, H, W)`` -> :class:`ProbabilisticEmbedding`.
 
         ``num_samples`` (default ``config.num_samples``; 0 = none) samples are drawn for
-        probabilistic heads; pass a ``generator`` for reproducible samples.
+        probabilistic heads: in eval mode from a generator seeded by ``config.inference_seed``
+        (the same inputs give the same samples), in training mode fresh; a ``generator`` (on the
+        inputs' device) overrides both.
         """
         if pixel_values is None or pixel_values.dim() != 4:
             shape = None if pixel_values is None else tuple(pixel_values.shape)
             raise ValueError(f"pixel_values must be a (batch, channels, height, width) tensor, got {shape}.")
         outputs = self.vision_model(pixel_values=pixel_values)
         local, pooled, mask = tower_local_and_global(outputs)
-        return self._with_samples(self.image_head(local, pooled, mask), num_samples, generator)
+        return self._with_samples(self.image_head(local, pooled, mask), num_samples, generator, _IMAGE_STREAM)
 
     def get_text_features(
         self,
@@ -270,7 +300,10 @@ class PCMEModel(PCMEPreTrainedModel):
         generator: torch.Generator | None = None,
         **text_kwargs: Any,
     ) -> ProbabilisticEmbedding:
-        """Embed captions: ``input_ids (B, L)`` (+ ``attention_mask``) -> :class:`ProbabilisticEmbedding`."""
+        """Embed captions: ``input_ids (B, L)`` (+ ``attention_mask``) -> :class:`ProbabilisticEmbedding`.
+
+        Samples as in :meth:`get_image_features` (captions use their own seeded stream in eval mode).
+        """
         if input_ids is None or input_ids.dim() != 2:
             shape = None if input_ids is None else tuple(input_ids.shape)
             raise ValueError(f"input_ids must be a (batch, length) tensor, got {shape}.")
@@ -280,17 +313,39 @@ class PCMEModel(PCMEPreTrainedModel):
             )
         outputs = self.text_model(input_ids=input_ids, attention_mask=attention_mask, **text_kwargs)
         local, pooled, mask = tower_local_and_global(outputs, attention_mask)
-        return self._with_samples(self.text_head(local, pooled, mask), num_samples, generator)
+        return self._with_samples(self.text_head(local, pooled, mask), num_samples, generator, _TEXT_STREAM)
 
     def _with_samples(
-        self, embedding: ProbabilisticEmbedding, num_samples: int | None, generator: torch.Generator | None
+        self,
+        embedding: ProbabilisticEmbedding,
+        num_samples: int | None,
+        generator: torch.Generator | None,
+        stream: int = _IMAGE_STREAM,
     ) -> ProbabilisticEmbedding:
         if embedding.log_sigma2 is None:
             return embedding
         num_samples = self.config.num_samples if num_samples is None else num_samples
         if num_samples > 0:
+            generator = self._sampling_generator(embedding.mean.device, generator, stream)
             embedding.samples = sample_gaussian(embedding.mean, embedding.log_sigma2, num_samples, generator)
         return embedding
+
+    def _sampling_generator(
+        self, device: torch.device, generator: torch.Generator | None, stream: int
+    ) -> torch.Generator | None:
+        """The generator of one modality's samples: the caller's, else (eval mode) one seeded by
+        ``2 * config.inference_seed + stream`` on ``device``, else ``None`` (torch's global generator)."""
+        if generator is not None:
+            if generator.device.type != device.type:
+                raise ValueError(
+                    f"generator is on {generator.device} but the embeddings are on {device}; create it there: "
+                    f"torch.Generator(device={str(device)!r}).manual_seed(seed)."
+                )
+            return generator
+        seed = getattr(self.config, "inference_seed", None)
+        if self.training or seed is None:
+            return None
+        return torch.Generator(device=device).manual_seed(2 * int(seed) + stream)
 
     # ------------------------------------------------------------------ scoring
     def match_probability(self, image_embeds: ProbabilisticEmbedding, text_embeds: ProbabilisticEmbedding) -> torch.Tensor:
@@ -339,6 +394,7 @@ class PCMEModel(PCMEPreTrainedModel):
         labels: torch.LongTensor | None = None,
         num_samples: int | None = None,
         return_dict: bool | None = None,
+        generator: torch.Generator | None = None,
         **text_kwargs: Any,
     ) -> PCMEOutput | tuple:
         """Embed a batch of images and captions, score every pair, and optionally compute the loss.
@@ -347,9 +403,14 @@ class PCMEModel(PCMEPreTrainedModel):
             positive_mask: ``(N_img, N_txt)`` bool, which pairs match; ``None`` = the diagonal
                 (pair i is image i with caption i).
             labels: ``(N,)`` class ids, for the cross-modal centre loss.
+            generator: draws the Monte-Carlo samples (images first, then captions); default: in
+                eval mode ``config.inference_seed`` (the same as :meth:`get_image_features` and
+                :meth:`get_text_features` called separately), in training mode fresh noise.
         """
-        image_embeds = self.get_image_features(pixel_values, num_samples=num_samples)
-        text_embeds = self.get_text_features(input_ids, attention_mask, num_samples=num_samples, **text_kwargs)
+        image_embeds = self.get_image_features(pixel_values, num_samples=num_samples, generator=generator)
+        text_embeds = self.get_text_features(
+            input_ids, attention_mask, num_samples=num_samples, generator=generator, **text_kwargs
+        )
         logits, match_prob = self._pairwise(image_embeds, text_embeds)
         loss = components = None
         if return_loss:
@@ -419,4 +480,12 @@ def _max_cosine(mean_x: torch.Tensor, mean_y: torch.Tensor) -> torch.Tensor:
     return max_pair_similarity(x, y)
 
 
-__all__ = ["PCMEModel", "PCMEPreTrainedModel", "PCMEOutput", "build_tower", "load_pretrained_tower", "tower_local_and_global"]
+__all__ = [
+    "PCMEModel",
+    "PCMEPreTrainedModel",
+    "PCMEOutput",
+    "build_tower",
+    "load_pretrained_tower",
+    "missing_config_error",
+    "tower_local_and_global",
+]

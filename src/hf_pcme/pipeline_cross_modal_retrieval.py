@@ -76,7 +76,8 @@ class CrossModalRetrievalPipeline(Pipeline):
     corpus items per forward pass), ``return_attention`` (False), ``metric`` / ``backend`` for an
     index built from a corpus list (default: the model's :func:`default_metric`, ``"torch"``),
     ``corpus_modality`` (``"auto"``), ``progress_bar`` (True, while a corpus list is embedded),
-    ``match_seed`` (0: the Monte-Carlo samples of the match probability are reproducible).
+    ``match_seed`` (default: the model's ``config.inference_seed``, so the Monte-Carlo samples of the
+    match probability are reproducible; ``None`` there = fresh noise).
     """
 
     _load_processor = None
@@ -133,8 +134,12 @@ class CrossModalRetrievalPipeline(Pipeline):
         part = self.tokenizer if modality == "text" else self.image_processor
         if part is None:
             what = "a tokenizer" if modality == "text" else "an image processor"
+            files = "tokenizer.json / tokenizer_config.json" if modality == "text" else "preprocessor_config.json"
+            folder = getattr(self.model, "name_or_path", "")
+            where = f" The model folder {folder} has no {files}." if folder and Path(folder).is_dir() else ""
             raise ValueError(
-                f"This pipeline has no processor and no {what}, so it cannot read {modality} inputs: pass "
+                f"This pipeline has no processor and no {what}, so it cannot read {modality} inputs.{where} Save the "
+                "processor next to the model (processor.save_pretrained(folder)), or pass "
                 "processor=PCMEProcessor(...) (or tokenizer= / image_processor=) to pipeline()."
             )
         return part
@@ -161,8 +166,9 @@ class CrossModalRetrievalPipeline(Pipeline):
             [, "attention", "attention_heatmap"]}``; ``results`` is best first, each
             ``{"id", ["text",] "score", ["distance",] "match_probability", "uncertainty" [, "attention"]}``.
         """
+        images, texts = _query_aliases(images, texts, kwargs)
+        _, forward_params, postprocess_params = self._sanitize_parameters(**kwargs)  # unknown keywords first
         queries, modality, single = _queries(images, texts)
-        _, forward_params, postprocess_params = self._sanitize_parameters(**kwargs)
         forward_params = {**self._forward_params, **forward_params}
         postprocess_params = {**self._postprocess_params, **postprocess_params}
         batch_size = batch_size or self._batch_size or 8
@@ -236,7 +242,7 @@ class CrossModalRetrievalPipeline(Pipeline):
         index: CrossModalIndex,
         top_k: int = 5,
         return_attention: bool = False,
-        match_seed: int = 0,
+        match_seed: int | None = None,
     ) -> dict[str, Any]:
         modality = model_inputs["modality"]
         if modality == "text":
@@ -259,16 +265,23 @@ class CrossModalRetrievalPipeline(Pipeline):
         }
 
     def _match_probability(
-        self, query: ProbabilisticEmbedding, modality: str, index: CrossModalIndex, indices: torch.Tensor, seed: int
+        self,
+        query: ProbabilisticEmbedding,
+        modality: str,
+        index: CrossModalIndex,
+        indices: torch.Tensor,
+        seed: int | None,
     ) -> torch.Tensor:
         """``model.match_probability`` of each query with its own top-k items, ``(Q, k)``.
 
         Samples (for PCME's Monte-Carlo match probability) are drawn from a generator seeded with
-        ``seed``, so the same call gives the same numbers.
+        ``seed`` (default: ``config.inference_seed``), so the same call gives the same numbers.
         """
         num_queries, top_k = indices.shape
         device = query.mean.device
-        generator = torch.Generator(device=device).manual_seed(seed)
+        if seed is None:
+            seed = getattr(self.model.config, "inference_seed", None)
+        generator = None if seed is None else torch.Generator(device=device).manual_seed(int(seed))
         num_samples = int(getattr(self.model.config, "num_samples", 1))
         items = index.item_embeddings(indices.clamp_min(0))
         items = ProbabilisticEmbedding(
@@ -320,6 +333,19 @@ class CrossModalRetrievalPipeline(Pipeline):
 
 
 # ---------------------------------------------------------------------------- helpers
+def _query_aliases(images: Any, texts: Any, kwargs: dict[str, Any]) -> tuple[Any, Any]:
+    """Accept the processor's names ``image=`` / ``text=`` for ``images=`` / ``texts=`` (popped from ``kwargs``)."""
+    for alias, name, value in (("image", "images", images), ("text", "texts", texts)):
+        if alias in kwargs:
+            if value is not None:
+                raise ValueError(f"Give {name}= or {alias}= (the same argument), not both.")
+            if name == "images":
+                images = kwargs.pop(alias)
+            else:
+                texts = kwargs.pop(alias)
+    return images, texts
+
+
 def _queries(images: Any, texts: Any) -> tuple[list, str, bool]:
     """The query list, its modality and whether a single query (not a list) was given."""
     if images is not None and texts is not None:

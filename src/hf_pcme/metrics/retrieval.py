@@ -94,9 +94,15 @@ def _check_text_to_image(text_to_image: torch.Tensor, num_images: int, num_texts
             f"Empty query set: {num_images} images and {num_texts} captions; retrieval metrics need both."
         )
     if text_to_image.numel() != num_texts:
+        hint = "check that captions and scores/embeddings line up."
+        if text_to_image.numel() == num_images:
+            hint = (
+                f"that is the number of images: scores look transposed, they must be (num_images, num_texts) = "
+                f"({num_images}, {num_texts}) with images as rows; pass scores.T (or swap image_embeds and text_embeds)."
+            )
         raise ValueError(
             f"text_to_image must give the image index of each of the {num_texts} captions, "
-            f"got {text_to_image.numel()} entries; check that captions and scores/embeddings line up."
+            f"got {text_to_image.numel()} entries; {hint}"
         )
     if text_to_image.min() < 0 or text_to_image.max() >= num_images:
         raise ValueError(

@@ -15,33 +15,13 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from ..evaluation import TASK_NAME, TASK_TYPE, metric_display_name  # noqa: F401  (re-exported)
 from .config import Recipe
 
 #: The template shipped inside the package (``model_cards/template.md`` in the repository links here).
 DEFAULT_TEMPLATE = Path(__file__).resolve().with_name("model_card_template.md")
 
-TASK_TYPE = "cross-modal-retrieval"
-TASK_NAME = "Cross-modal retrieval"
-
 _DATASET_NAMES = {"coco": "MS-COCO (Karpathy split)", "cub": "CUB-200-2011 captions", "shapes": "Synthetic shapes"}
-
-
-_METRIC_NAMES = {"map_at_r": "MAP@R", "r_precision": "R-Precision", "pmrp": "PMRP", "rsum": "RSUM"}
-
-
-def metric_display_name(key: str) -> str:
-    """``"i2t_R@1"`` -> ``"i2t R@1"``, ``"t2i_pmrp_zeta1"`` -> ``"t2i PMRP (zeta=1)"``, ``"1k/rsum"`` -> ``"RSUM (1K)"``."""
-    protocol, _, key = key.rpartition("/")
-    suffix = f" ({protocol.upper()})" if protocol else ""
-    direction, _, name = key.partition("_")
-    if direction not in ("i2t", "t2i") or not name:
-        direction, name = "", key
-    zeta = ""
-    if "_zeta" in name:
-        name, _, value = name.partition("_zeta")
-        zeta = f" (zeta={value})"
-    pretty = _METRIC_NAMES.get(name.lower(), name)
-    return " ".join(filter(None, (direction, pretty))) + zeta + suffix
 
 
 def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
