@@ -332,3 +332,41 @@ def test_vocabulary_that_does_not_fit_the_embedding_matrix_is_rejected(original,
         convert_checkpoint(data, vocab=path)
     with pytest.raises(ConversionError, match="differs from the checkpoint's word2idx"):
         convert_checkpoint(checkpoint_dict(original), vocab=path)
+
+
+def test_command_line_converts_with_vocab_pickle_and_yaml(checkpoint_path, tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "convert_pcme_original_checkpoint.py"
+    spec = importlib.util.spec_from_file_location("convert_pcme_original_checkpoint", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    vocab = word2idx()
+    (tmp_path / "coco_vocab.pkl").write_bytes(pickle.dumps({"idx": len(vocab), "word2idx": vocab, "idx2word": {}}))
+    (tmp_path / "pcme_tiny.yaml").write_text(yaml.safe_dump(ORIGINAL_CONFIG))
+    argv = ["--checkpoint", str(checkpoint_path), "--vocab", str(tmp_path / "coco_vocab.pkl"),
+            "--config", str(tmp_path / "pcme_tiny.yaml"), "--output", str(tmp_path / "out")]  # fmt: skip
+    assert script.run(argv) == 0
+    assert "Converted" in capsys.readouterr().out and (tmp_path / "out" / "model.safetensors").is_file()
+    assert "resnet_tiny" in (tmp_path / "out" / "README.md").read_text()
+    argv[1] = str(tmp_path / "pcme_tiny.yaml")  # not a checkpoint
+    assert script.run(argv) == 2
+    assert "truncated or not a torch checkpoint" in capsys.readouterr().err
+
+
+def test_checkpoint_with_numpy_scores_in_metadata_loads_weights_only(original, tmp_path):
+    path = tmp_path / "model_best.pth"
+    torch.save(checkpoint_dict(original, metadata={"rsum": np.float64(500.5), "epoch": np.int64(3)}), path)
+    assert convert_checkpoint(path).model.config.embed_dim == D
+
+
+def test_cub_config_sets_its_loss_and_match_parameters(original):
+    cub = {"model": {**ORIGINAL_CONFIG["model"], "cnn_type": "resnet_tiny"},
+           "criterion": {"name": "pcme", "init_negative_scale": 5, "init_shift": 5, "num_samples": 7,
+                         "vib_beta": 0.001, "uniform_lambda": 10}}  # fmt: skip
+    config = convert_checkpoint(checkpoint_dict(original, config=cub, criterion={})).model.config
+    assert config.loss_kwargs == {"vib_beta": 0.001, "uniformity_weight": 10.0}
+    assert (config.init_negative_scale, config.init_shift) == (5.0, 5.0)

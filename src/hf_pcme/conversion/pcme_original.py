@@ -32,6 +32,7 @@ import logging
 import os
 import pickle
 import re
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,8 +72,14 @@ def load_original_checkpoint(path: str | os.PathLike, allow_pickle: bool = False
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint not found: {path}.")
+    if not zipfile.is_zipfile(path) and not allow_pickle:
+        raise ConversionError(
+            f"{path} is truncated or not a torch checkpoint (no zip archive, which torch.save writes since torch 1.6). "
+            "Download it again; if it is an older pickle checkpoint you trust, pass allow_pickle=True (--allow-pickle)."
+        )
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+        with torch.serialization.safe_globals(_numpy_scalar_globals()):  # metadata may hold numpy scores
+            checkpoint = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except pickle.UnpicklingError as error:
         if "Weights only load failed" in str(error) and not allow_pickle:
             raise ConversionError(
@@ -89,6 +96,16 @@ def load_original_checkpoint(path: str | os.PathLike, allow_pickle: bool = False
             f"'word2idx'), got {keys}."
         )
     return dict(checkpoint)
+
+
+def _numpy_scalar_globals() -> list[Any]:
+    """The numpy objects a pickled numpy scalar refers to (data, not code), for weights-only loading."""
+    try:
+        import numpy as np
+        from numpy._core.multiarray import scalar
+    except ImportError:
+        return []
+    return [scalar, np.dtype, *{type(np.dtype(name)) for name in ("float64", "float32", "int64", "int32", "bool")}]
 
 
 class _PlainUnpickler(pickle.Unpickler):
