@@ -129,3 +129,39 @@ def test_unranked_positives_count_in_r_by_hand():
         unranked_positives={"t2i": [0, 1, 0]},
     )  # fmt: skip
     assert result["t2i_r_precision"] == pytest.approx(100 * (1 + 0.5 + 1) / 3)
+
+
+def test_evaluate_script_prints_the_pcmepp_table(tmp_path, capsys):
+    """scripts/evaluate.py --protocol eccv_caption on a tiny COCO tree whose ids are real ECCV test ids."""
+    import importlib.util
+
+    from data_fixtures import CocoImage, write_coco_tree
+
+    from hf_pcme import PCMEModel
+    from hf_pcme.testing import tiny_pcme_config, tiny_processor
+
+    original, eccv = load_positives("original"), load_positives("eccv")
+    image_ids = sorted(eccv["i2t"])[:4]
+    images = [
+        CocoImage(i, "val2014", "test", [(c, f"a photo number {i} {n}", f"a photo number {i} {n}")
+                                         for n, c in enumerate(original["i2t"][i])], [1 + i % 3])
+        for i in image_ids
+    ]  # fmt: skip
+    for image_id, split in ((9, "train"), (25, "val")):  # the loader builds every split
+        images.append(CocoImage(image_id, "train2014", split,
+                                [(image_id * 10 + n, f"{split} caption {n}", f"{split} caption {n}") for n in range(5)], [1]))
+    write_coco_tree(tmp_path / "coco", images)
+    folder = tmp_path / "model"
+    PCMEModel(tiny_pcme_config()).save_pretrained(folder)
+    tiny_processor().save_pretrained(folder)
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("evaluate_script", root / "scripts" / "evaluate.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    metrics = script.main(["--model", str(folder), "--dataset", "coco", "--data-dir", str(tmp_path / "coco"),
+                           "--split", "test", "--protocol", "eccv_caption", "--output", str(tmp_path / "r.json"),
+                           "--dataset-option", f"cache_dir={tmp_path / 'cache'}"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "PCME++-style table (eccv_caption)" in out and "ECCV mAP@R" in out and "CxC R@1" in out
+    assert {"eccv_i2t_map@r", "eccv_t2i_rp", "cxc_i2t_r@1"} <= set(metrics)
+    assert 0 <= metrics["eccv_i2t_map@r"] <= 100
