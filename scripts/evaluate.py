@@ -47,6 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--uncertainty-report", action="store_true",
                         help="also analyse the uncertainty (whole split): print it, write its JSON and PNG plots")
     parser.add_argument("--output-dir", help="folder of the uncertainty report (default: the model folder, else .)")
+    parser.add_argument("--protocol", choices=["coco", "eccv_caption", "cxc"],
+                        help="COCO 5K test: eccv_caption adds ECCV Caption mAP@R / R-P / R@1 and CxC R@K "
+                             "(pip install hf_pcme[eccv]); default: coco when the split is whole 1K folds")
     return parser.parse_args(argv)
 
 
@@ -127,11 +130,21 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                       f"scorer {scorer}")
     images, texts = encode_for_scorer(model, processor, view, accelerator, scorer=scorer, batch_size=args.batch_size,
                                       num_samples=args.num_samples, progress_bar=True)
-    metrics = retrieval_metrics(model, view, images, texts, scorer=scorer, protocol=coco_protocol(args.dataset, view),
-                                seed=args.seed, num_samples=args.num_samples)
+    protocol = args.protocol or coco_protocol(args.dataset, view)
+    ids = {}
+    if protocol in ("eccv_caption", "cxc"):
+        from hf_pcme.data.views import column_as_numpy
+
+        ids = {"image_ids": column_as_numpy(view.images, "image_id"), "text_ids": column_as_numpy(view.captions, "caption_id")}
+    metrics = retrieval_metrics(model, view, images, texts, scorer=scorer, protocol=protocol, seed=args.seed,
+                                num_samples=args.num_samples, **ids)
     if not accelerator.is_main_process:
         return metrics
     print_table(metrics, f"{args.model} on {args.dataset}/{args.split} ({scorer}), percent")
+    if protocol in ("eccv_caption", "cxc"):
+        from hf_pcme.metrics.eccv_caption import pcmepp_table
+
+        print(f"\nPCME++-style table ({protocol}), percent\n{pcmepp_table(metrics)}")
     folder = Path(args.model)
     output = Path(args.output) if args.output else (folder if folder.is_dir() else Path(".")) / f"eval_{args.dataset}_{args.split}.json"
     output.write_text(json.dumps({"model": args.model, "dataset": args.dataset, "split": args.split,

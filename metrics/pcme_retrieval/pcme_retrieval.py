@@ -31,7 +31,10 @@ Args:
     image_classes (`array`, optional): (num_images,) class ids, for PMRP by class.
     plausibility (`array` or callable, optional): (num_images, num_texts) plausible matches.
     positives (optional): positives of R-Precision / MAP@R (e.g. ECCV Caption's).
-    protocol (`str`, optional): "coco" adds the 1K-fold metrics ("1k/..." keys).
+    protocol (`str`, optional): "coco" adds the 1K-fold metrics ("1k/..." keys); "eccv_caption"
+        adds ECCV Caption's mAP@R / R-P / R@1 and CxC's R@K ("eccv_i2t_map@r", "eccv_i2t_rp",
+        "eccv_i2t_r@1", "cxc_i2t_r@1", ...), "cxc" only CxC's; both need image_ids (COCO image ids)
+        and text_ids (COCO caption annotation ids) and the `eccv_caption` package's files.
     Any other keyword of `hf_pcme.metrics.evaluate_retrieval` (ks, zetas, fold_size, chunk_size,
     negative_scale, shift, num_samples, seed, image_ids, text_ids).
 Returns:

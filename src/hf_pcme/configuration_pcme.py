@@ -7,6 +7,7 @@ from typing import Any
 from transformers import PreTrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+from .configuration_pcme_original_text import PCMEOriginalTextConfig
 from .configuration_text_encoders import PCMEBiGRUConfig
 from .registry import lookup
 
@@ -14,6 +15,7 @@ from .registry import lookup
 #: ``AutoConfig`` so that a saved model also loads with ``trust_remote_code=True`` in a process
 #: where ``hf_pcme`` is not installed (and so "pcme_bigru" is unknown to ``AutoConfig``).
 BUILTIN_TOWER_CONFIGS: dict[str, type[PreTrainedConfig]] = {"pcme_bigru": PCMEBiGRUConfig}
+BUILTIN_TOWER_CONFIGS["pcme_original_text"] = PCMEOriginalTextConfig  # converted original PCME checkpoints
 
 #: How :meth:`PCMEModel.match_probability` turns two Gaussians into a probability.
 MATCH_FUNCTIONS = {"sampled": "PCME Monte-Carlo over J x J samples", "csd": "PCME++ closed-form sampled distance"}

@@ -133,8 +133,13 @@ def retrieval_metrics(
     protocol: str | None = None,
     seed: int | None = None,
     num_samples: int | None = None,
+    image_ids: Any = None,
+    text_ids: Any = None,
 ) -> dict[str, float]:
     """R@K, R-Precision, MAP@R, PMRP (percent, flat keys) from embeddings of a :class:`RetrievalSplit`.
+
+    ``image_ids`` / ``text_ids`` (COCO image / caption annotation ids) are needed by
+    ``protocol="eccv_caption"`` / ``"cxc"``.
 
     ``scorer`` defaults to the model's own ranking (:func:`default_scorer`); ``caption_rows``
     restricts the captions (e.g. one specificity level of shapes), keeping every image. For
@@ -176,6 +181,8 @@ def retrieval_metrics(
         protocol=protocol,
         num_samples=num_samples,
         seed=seed,
+        image_ids=image_ids,
+        text_ids=text_ids,
     )
 
 

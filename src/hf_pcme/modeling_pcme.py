@@ -31,11 +31,13 @@ from .heads import HEADS, UncertaintyBranch
 from .losses import build_loss
 from .outputs import ProbabilisticEmbedding
 from .registry import lookup
+from .text_encoder_pcme_original import PCMEOriginalTextModel
 from .text_encoders import PCMEBiGRUModel
 
 #: Built-in towers, instantiated directly (not through ``AutoModel``) so remote code works
 #: without ``hf_pcme`` being installed.
 BUILTIN_TOWERS: dict[str, type[PreTrainedModel]] = {"pcme_bigru": PCMEBiGRUModel}
+BUILTIN_TOWERS["pcme_original_text"] = PCMEOriginalTextModel  # converted original PCME checkpoints
 
 #: Offsets of the images' and the captions' generator seeds (``2 * inference_seed + stream``), so the two
 #: modalities draw independent noise (the metrics' sampled scorer uses the same convention).
@@ -99,6 +101,8 @@ def build_tower(config: PreTrainedConfig) -> PreTrainedModel:
 
 def tower_feature_dim(config: PreTrainedConfig) -> int:
     """Channel size of a tower's ``last_hidden_state`` (CNNs: last stage width; transformers: hidden size)."""
+    if getattr(config, "local_feature_size", None):  # a tower that states it (pcme_original_text)
+        return int(config.local_feature_size)
     hidden_sizes = getattr(config, "hidden_sizes", None)
     if hidden_sizes:
         return int(hidden_sizes[-1])
@@ -227,7 +231,9 @@ class PCMEModel(PCMEPreTrainedModel):
 
         head_class = lookup(HEADS, config.head_type, "head_type")
         self.image_head = self._build_head(head_class, tower_feature_dim(config.vision_config))
-        self.text_head = self._build_head(head_class, tower_feature_dim(config.text_config))
+        self.text_head = self._build_head(
+            head_class, tower_feature_dim(config.text_config), getattr(config.text_config, "global_feature_size", None)
+        )
 
         self.negative_scale = nn.Parameter(torch.tensor(float(config.init_negative_scale)))
         self.shift = nn.Parameter(torch.tensor(float(config.init_shift)))
@@ -239,11 +245,11 @@ class PCMEModel(PCMEPreTrainedModel):
             self.shift.requires_grad_(False)
         self.post_init()
 
-    def _build_head(self, head_class: type[nn.Module], feature_dim: int) -> nn.Module:
+    def _build_head(self, head_class: type[nn.Module], feature_dim: int, global_dim: int | None = None) -> nn.Module:
         config = self.config
         return head_class(
             local_dim=feature_dim,
-            global_dim=feature_dim,
+            global_dim=global_dim or feature_dim,
             embed_dim=config.embed_dim,
             hidden_dim=config.attention_hidden_dim or max(feature_dim // 2, 1),
             dropout=config.head_dropout,

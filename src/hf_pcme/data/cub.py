@@ -42,6 +42,7 @@ from hf_pcme.registry import check_choice
 SPLIT_FILES = {"train": "trainvalclasses.txt", "test": "testclasses.txt"}
 MAX_CAPTIONS_PER_IMAGE = 100
 CUB_LAYOUT = """\
+  Either everything in one folder:
   <data_dir>/
     images.txt                    "<image_id> <class_dir>/<file>.jpg" per line
     image_class_labels.txt        "<image_id> <class_id>" per line
@@ -49,7 +50,12 @@ CUB_LAYOUT = """\
     images/<class_dir>/<file>.jpg
     text_c10/<class_dir>/<file>.txt   captions (Reed et al. 2016), one per line
     trainvalclasses.txt           zero-shot split (Xian et al.): 150 class dirs, one per line
-    testclasses.txt               50 class dirs (these two may live in class_split_dir instead)"""
+    testclasses.txt               50 class dirs (these two may live in class_split_dir instead)
+  or the two folders as downloaded (original PCME: --dataset_root / --caption_root):
+  CUB_200_2011/                   data_dir: images.txt, image_class_labels.txt, classes.txt, images/
+  cvpr2016_cub/                   Reed et al. 2016
+    text_c10/<class_dir>/<file>.txt   caption_dir= this folder (or cvpr2016_cub itself)
+    trainvalclasses.txt, testclasses.txt   used when data_dir has none"""
 
 
 def _read_pairs(path: Path, what: str) -> list[tuple[int, str]]:
@@ -74,16 +80,41 @@ def readable_class_name(class_dir: str) -> str:
     return class_dir.split(".", 1)[-1].replace("_", " ")
 
 
-def cub_source_paths(data_dir: str | os.PathLike, class_split_dir: str | os.PathLike | None = None) -> dict[str, Path]:
+def resolve_caption_dir(data_dir: str | os.PathLike, caption_dir: str | os.PathLike | None = None) -> Path:
+    """The ``text_c10`` folder: ``<data_dir>/text_c10`` by default; ``caption_dir`` may name
+    ``text_c10`` itself (the original code's ``--caption_root``) or the ``cvpr2016_cub`` folder
+    that holds it."""
+    if caption_dir is None:
+        return require_dir(Path(data_dir) / "text_c10", "CUB captions folder (text_c10, Reed et al. 2016)", CUB_LAYOUT)
+    caption_dir = require_dir(caption_dir, "CUB caption_dir", CUB_LAYOUT)
+    return caption_dir / "text_c10" if (caption_dir / "text_c10").is_dir() else caption_dir
+
+
+def _class_split_root(root: Path, class_split_dir: str | os.PathLike | None, caption_root: Path) -> Path:
+    """``class_split_dir`` if given; else ``data_dir``, or the folder above ``text_c10``
+    (``cvpr2016_cub/``) when ``data_dir`` has no ``trainvalclasses.txt`` but that folder does."""
+    if class_split_dir is not None:
+        return require_dir(class_split_dir, "CUB class split folder", CUB_LAYOUT)
+    if not (root / SPLIT_FILES["train"]).is_file() and (caption_root.parent / SPLIT_FILES["train"]).is_file():
+        return caption_root.parent
+    return root
+
+
+def cub_source_paths(
+    data_dir: str | os.PathLike,
+    class_split_dir: str | os.PathLike | None = None,
+    caption_dir: str | os.PathLike | None = None,
+) -> tuple[dict[str, Path], Path]:
+    """The metadata files by name, and the ``text_c10`` folder (see :func:`load_cub`)."""
     root = require_dir(data_dir, "CUB data_dir", CUB_LAYOUT)
-    split_root = require_dir(class_split_dir or root, "CUB class split folder", CUB_LAYOUT)
+    caption_root = resolve_caption_dir(root, caption_dir)
+    split_root = _class_split_root(root, class_split_dir, caption_root)
     paths = {name: require_file(root / f"{name}.txt", f"CUB {name}.txt", CUB_LAYOUT)
              for name in ("images", "image_class_labels", "classes")}
     paths.update({split: require_file(split_root / name, f"CUB class split {name}", CUB_LAYOUT)
                   for split, name in SPLIT_FILES.items()})
     require_dir(root / "images", "CUB images folder", CUB_LAYOUT)
-    require_dir(root / "text_c10", "CUB captions folder (text_c10, Reed et al. 2016)", CUB_LAYOUT)
-    return paths
+    return paths, caption_root
 
 
 @dataclass
@@ -91,6 +122,7 @@ class CubConfig(datasets.BuilderConfig):
     """``data_dir``: the CUB root (see ``CUB_LAYOUT``); other fields: see :func:`load_cub`."""
 
     class_split_dir: str | None = None
+    caption_dir: str | None = None
     missing_images: str = "error"
     source_signature: str = ""
 
@@ -101,7 +133,10 @@ class Cub200(datasets.ArrowBasedBuilder):
     BUILDER_CONFIG_CLASS = CubConfig
 
     def _paths(self) -> dict[str, Path]:
-        return cub_source_paths(self.config.data_dir, self.config.class_split_dir)
+        return cub_source_paths(self.config.data_dir, self.config.class_split_dir, self.config.caption_dir)[0]
+
+    def _caption_root(self) -> Path:
+        return resolve_caption_dir(self.config.data_dir, self.config.caption_dir)
 
     def _class_dirs(self) -> list[str]:
         """Class dirs indexed by class_id - 1; classes.txt must number them 1..N."""
@@ -152,6 +187,7 @@ class Cub200(datasets.ArrowBasedBuilder):
             "skip" if self.config.missing_images == "skip" else "error", "CUB caption file"
         )
         root = Path(self.config.data_dir)
+        caption_root = self._caption_root()
         for image_id, relative_path in sorted(images):
             class_id = class_of_image.get(image_id)
             if class_id is None:
@@ -170,11 +206,11 @@ class Cub200(datasets.ArrowBasedBuilder):
                 continue  # a class in neither split file takes no part
             if missing_images.is_missing(str(root / "images" / relative_path)):
                 continue
-            if missing_captions.is_missing(str(root / "text_c10" / Path(relative_path).with_suffix(".txt"))):
+            if missing_captions.is_missing(str(caption_root / Path(relative_path).with_suffix(".txt"))):
                 continue
             plan[split].append((image_id, relative_path, class_id))
         missing_images.report(str(root))
-        missing_captions.report(str(root))
+        missing_captions.report(str(caption_root))
         return [
             datasets.SplitGenerator(name=split, gen_kwargs={"images": plan[split], "class_dirs": class_dirs})
             for split in SPLIT_FILES
@@ -182,9 +218,10 @@ class Cub200(datasets.ArrowBasedBuilder):
 
     def _generate_tables(self, images: list[tuple[int, str, int]], class_dirs: list[str]) -> Iterator[tuple[str, Any]]:
         root = Path(self.config.data_dir)
+        caption_root = self._caption_root()
         batcher = ArrowBatcher(self.info.features)
         for image_id, relative_path, class_id in images:
-            text_path = root / "text_c10" / Path(relative_path).with_suffix(".txt")
+            text_path = caption_root / Path(relative_path).with_suffix(".txt")
             try:
                 captions = [line.strip() for line in text_path.read_text(encoding="utf-8").splitlines() if line.strip()]
             except UnicodeDecodeError as exc:
@@ -214,6 +251,7 @@ def load_cub(
     data_dir: str | os.PathLike,
     *,
     class_split_dir: str | os.PathLike | None = None,
+    caption_dir: str | os.PathLike | None = None,
     cache_dir: str | os.PathLike | None = None,
     missing_images: str = "error",
     split: str | None = None,
@@ -222,7 +260,11 @@ def load_cub(
 
     Args:
         data_dir: CUB root (see ``CUB_LAYOUT``).
-        class_split_dir: folder with ``trainvalclasses.txt`` / ``testclasses.txt`` (default ``data_dir``).
+        class_split_dir: folder with ``trainvalclasses.txt`` / ``testclasses.txt`` (default
+            ``data_dir``, or the folder above ``text_c10`` when ``data_dir`` has none: Reed et
+            al.'s ``cvpr2016_cub/`` ships them).
+        caption_dir: the captions downloaded separately (the original code's ``--caption_root``):
+            ``cvpr2016_cub/text_c10`` or ``cvpr2016_cub``. Default ``<data_dir>/text_c10``.
         cache_dir: where the Arrow cache lives (default: the ``datasets`` cache).
         missing_images: ``"error"`` (raise naming the file), ``"skip"`` (drop the image, with a
             counted warning; also applies to missing caption files) or ``"unchecked"``.
@@ -231,12 +273,13 @@ def load_cub(
     check_choice(missing_images, ("error", "skip", "unchecked"), "missing_images")
     if split is not None:
         check_choice(split, SPLIT_FILES, "split")
-    paths = cub_source_paths(data_dir, class_split_dir)
+    paths, _ = cub_source_paths(data_dir, class_split_dir, caption_dir)
     builder = Cub200(
         cache_dir=None if cache_dir is None else os.fspath(cache_dir),
         hash=code_hash(__file__),
         data_dir=os.path.abspath(data_dir),
         class_split_dir=None if class_split_dir is None else os.path.abspath(class_split_dir),
+        caption_dir=None if caption_dir is None else os.path.abspath(caption_dir),
         missing_images=missing_images,
         source_signature=file_signature(paths.values()),
     )

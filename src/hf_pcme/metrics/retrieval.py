@@ -33,6 +33,9 @@ relevant item):
   every metric computed inside each fold and averaged over the folds (PMRP included, as published;
   a fold where no query has a relevant item is left out of that metric's average).
   The unprefixed keys are always the whole set (5K for COCO); no ``5k/`` aliases are added.
+- ``protocol="eccv_caption"`` / ``"cxc"``: the COCO keys plus ECCV Caption's mAP@R, R-Precision
+  and R@1 and / or CxC's R@K, from the positives shipped by the ``eccv_caption`` package
+  (:mod:`hf_pcme.metrics.eccv_caption`; needs ``image_ids`` / ``text_ids``).
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ LEVEL_TABLE_IMAGES = 8192
 #: Largest PMRP zeta: plausibility levels (up to zeta + 2) are stored as int8.
 MAX_ZETA = 100
 DIRECTIONS = ("i2t", "t2i")
-PROTOCOLS = (None, "coco")
+PROTOCOLS = (None, "coco", "eccv_caption", "cxc")
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -183,13 +186,18 @@ def _check_fold_size(num_images: int, fold_size: int) -> None:
 class _Positives:
     """Explicit positives of one direction as sorted keys ``query * num_items + item`` (internal order)."""
 
-    def __init__(self, keys: torch.Tensor, num_items: int) -> None:
+    def __init__(self, keys: torch.Tensor, num_items: int, unranked: torch.Tensor | None = None) -> None:
         self.keys = torch.unique(keys)
         self.num_items = num_items
+        # per query (internal order): positives that are not among the ranked items; they count in R
+        self.unranked = unranked
 
     def counts(self, queries: torch.Tensor, start: int, end: int) -> torch.Tensor:
         base = queries * self.num_items
-        return torch.searchsorted(self.keys, base + end) - torch.searchsorted(self.keys, base + start)
+        counts = torch.searchsorted(self.keys, base + end) - torch.searchsorted(self.keys, base + start)
+        if self.unranked is not None and (start, end) == (0, self.num_items):
+            counts = counts + self.unranked[queries]
+        return counts
 
     def contains(self, queries: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         keys = queries * self.num_items + items
@@ -231,8 +239,22 @@ def _positives_from_lists(
     return result
 
 
+def _unranked_counts(unranked_positives: Any, direction: str, num_queries: int) -> torch.Tensor | None:
+    if unranked_positives is None or direction not in unranked_positives:
+        return None
+    counts = _index_vector(unranked_positives[direction], f"unranked_positives[{direction!r}]", num_queries)
+    if counts.numel() and int(counts.min()) < 0:
+        raise ValueError(f"unranked_positives[{direction!r}] holds negative counts.")
+    return counts
+
+
 def _build_positives(
-    positives: Any, layout: _Layout, image_classes: torch.Tensor | None, image_ids: Any, text_ids: Any
+    positives: Any,
+    layout: _Layout,
+    image_classes: torch.Tensor | None,
+    image_ids: Any,
+    text_ids: Any,
+    unranked_positives: Any = None,
 ) -> dict[str, Any]:
     """Direction -> "pairs" | "classes" | _Positives."""
     if positives is None:
@@ -259,7 +281,8 @@ def _build_positives(
                 )
                 queries = torch.cat([torch.full((len(items),), q, dtype=torch.long) for q, items in enumerate(lists)])
                 items = rank_of_text[torch.cat(lists)] if lists else torch.empty(0, dtype=torch.long)
-                result[direction] = _Positives(queries * num_texts + items, num_texts)
+                unranked = _unranked_counts(unranked_positives, direction, num_images)
+                result[direction] = _Positives(queries * num_texts + items, num_texts, unranked)
             else:
                 lists = _positives_from_lists(
                     positives[direction], num_texts, num_images, text_ids, image_ids, "positives['t2i']"
@@ -268,7 +291,10 @@ def _build_positives(
                     [torch.full((len(items),), int(rank_of_text[q]), dtype=torch.long) for q, items in enumerate(lists)]
                 )
                 items = torch.cat(lists) if lists else torch.empty(0, dtype=torch.long)
-                result[direction] = _Positives(queries * num_images + items, num_images)
+                unranked = _unranked_counts(unranked_positives, direction, num_texts)
+                if unranked is not None:  # caller's caption order -> internal order
+                    unranked = torch.zeros_like(unranked).index_copy_(0, rank_of_text, unranked)
+                result[direction] = _Positives(queries * num_images + items, num_images, unranked)
         return result
     matrix = as_tensor(positives, "positives")
     if matrix.shape != (num_images, num_texts):
@@ -514,6 +540,7 @@ def evaluate_retrieval(
     image_classes: Any = None,
     plausibility: Any = None,
     positives: Any = None,
+    unranked_positives: Mapping[str, Any] | None = None,
     image_ids: Sequence[Any] | None = None,
     text_ids: Sequence[Any] | None = None,
     protocol: str | None = None,
@@ -547,7 +574,12 @@ def evaluate_retrieval(
             ``{"i2t": ..., "t2i": ...}`` with, per query, a sequence of item indices, or a mapping
             query id -> item ids resolved with ``image_ids`` / ``text_ids`` (a missing direction
             uses the pairs; queries without positives are skipped).
-        protocol: ``None`` or ``"coco"`` (adds the ``1k/`` keys).
+        unranked_positives: with a dict of ``positives``, ``{"i2t": ..., "t2i": ...}`` holding per
+            query (caller's order) the number of further positives that are not among the ranked
+            items: they count in ``R`` of R-Precision / MAP@R but are never retrieved (ECCV
+            Caption's verified captions outside the 25K test captions, as ``eccv_caption`` counts them).
+        protocol: ``None``, ``"coco"`` (adds the ``1k/`` keys), ``"eccv_caption"`` or ``"cxc"``
+            (:func:`hf_pcme.metrics.eccv_caption.evaluate_eccv_caption`; other keywords go there).
         fold_size: images per fold of the 1K protocol (1000 for COCO).
         zetas: Hamming thresholds of PMRP.  ks: the K of Recall@K.
         chunk_size: query rows per score block (default: ~16M scores, 64 MiB, per chunk on CPU; ~32M on GPU).
@@ -566,6 +598,20 @@ def evaluate_retrieval(
         ``i2t_map_at_r``, ``i2t_pmrp``, ``i2t_pmrp_zeta0``, ... and with ``protocol="coco"`` the
         same names prefixed ``1k/``.
     """
+    if protocol in ("eccv_caption", "cxc"):
+        from .eccv_caption import evaluate_eccv_caption  # it calls back here with the positives
+
+        if positives is not None or unranked_positives is not None:
+            raise ValueError(f"protocol={protocol!r} brings its own positives; do not pass positives too.")
+
+        return evaluate_eccv_caption(
+            protocol=protocol, text_to_image=text_to_image, scores=scores, image_embeds=image_embeds,
+            text_embeds=text_embeds, image_log_sigma2=image_log_sigma2, text_log_sigma2=text_log_sigma2,
+            image_samples=image_samples, text_samples=text_samples, scorer=scorer, image_labels=image_labels,
+            image_classes=image_classes, plausibility=plausibility, image_ids=image_ids, text_ids=text_ids,
+            fold_size=fold_size, zetas=zetas, ks=ks, chunk_size=chunk_size, num_samples=num_samples,
+            negative_scale=negative_scale, shift=shift, seed=seed, num_workers=num_workers,
+        )  # fmt: skip
     ks = _check_int_tuple(ks, "ks", 1)
     zetas = _check_int_tuple(zetas, "zetas", 0)
     if max(zetas) > MAX_ZETA:
@@ -595,7 +641,9 @@ def evaluate_retrieval(
         source.reorder_texts(layout.order)
     device = source.device
     relevance_kinds = {"pairs": {d: "pairs" for d in DIRECTIONS}}
-    positive_kinds = _build_positives(positives, layout, classes, image_ids, text_ids)
+    if unranked_positives is not None and not (isinstance(positives, Mapping) and set(positives) <= set(DIRECTIONS)):
+        raise ValueError("unranked_positives needs positives as a dict {'i2t': ..., 't2i': ...}.")
+    positive_kinds = _build_positives(positives, layout, classes, image_ids, text_ids, unranked_positives)
     # everything indexed together with the score blocks lives on their device
     layout.to(device)
     if classes is not None:

@@ -1,0 +1,1 @@
+"""Converters of checkpoints from other codebases into hf_pcme models."""
