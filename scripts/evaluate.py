@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the Monte-Carlo samples")
     parser.add_argument("--output", help="results JSON (default: <model folder>/eval_<dataset>_<split>.json)")
     parser.add_argument("--update-card", action="store_true", help="add the results to the model card's model-index")
+    parser.add_argument("--reranker", help="an IMRAM model folder: re-rank each query's first-stage top-K with it")
+    parser.add_argument("--rerank-top-k", type=int, default=50, help="candidates re-ranked per query (with --reranker)")
     return parser.parse_args(argv)
 
 
@@ -110,13 +112,27 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                                       num_samples=args.num_samples, progress_bar=True)
     metrics = retrieval_metrics(model, view, images, texts, scorer=scorer, protocol=coco_protocol(args.dataset, view),
                                 seed=args.seed)
+    first_stage = None
+    if args.reranker:
+        from hf_pcme.training.rerank_evaluation import load_reranker, rerank_metrics
+
+        reranker = load_reranker(args.reranker, model, args.rerank_top_k).to(accelerator.device)
+        first_stage = metrics
+        metrics = rerank_metrics(model, reranker, processor, view, images, texts, scorer=scorer,
+                                 rerank_top_k=args.rerank_top_k, protocol=coco_protocol(args.dataset, view),
+                                 seed=args.seed, num_samples=args.num_samples, batch_size=args.batch_size,
+                                 progress_bar=accelerator.is_main_process)
+        scorer = f"{scorer}, top-{args.rerank_top_k} re-ranked by IMRAM"
     if not accelerator.is_main_process:
         return metrics
+    if first_stage is not None:
+        print_table(first_stage, f"{args.model} alone (first stage), percent")
     print_table(metrics, f"{args.model} on {args.dataset}/{args.split} ({scorer}), percent")
     folder = Path(args.model)
     output = Path(args.output) if args.output else (folder if folder.is_dir() else Path(".")) / f"eval_{args.dataset}_{args.split}.json"
     output.write_text(json.dumps({"model": args.model, "dataset": args.dataset, "split": args.split,
-                                  "scorer": scorer, "metrics": metrics}, indent=2))
+                                  "scorer": scorer, "metrics": metrics, "reranker": args.reranker,
+                                  "first_stage_metrics": first_stage}, indent=2))
     print(f"\nresults: {output}")
     if args.update_card:
         if not folder.is_dir():
