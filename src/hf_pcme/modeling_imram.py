@@ -74,6 +74,21 @@ class LocalFeatures(ModelOutput):
         return LocalFeatures(self.features[rows], None if self.mask is None else self.mask[rows])
 
 
+def concat_local_features(parts: list[LocalFeatures]) -> LocalFeatures:
+    """Concatenate batches of local features padded to different lengths (zero features, mask False)."""
+    length = max(part.features.shape[1] for part in parts)
+    features, masks = [], []
+    for part in parts:
+        batch, size, _ = part.features.shape
+        pad = length - size
+        features.append(F.pad(part.features, (0, 0, 0, pad)))
+        mask = part.mask if part.mask is not None else torch.ones(batch, size, dtype=torch.bool, device=part.features.device)
+        masks.append(F.pad(mask, (0, pad), value=False))
+    mask = torch.cat(masks)
+    keep_mask = any(part.mask is not None for part in parts) or not bool(mask.all())
+    return LocalFeatures(torch.cat(features), mask if keep_mask else None)
+
+
 @dataclass
 class IMRAMOutput(ModelOutput):
     """Output of :meth:`IMRAMModel.forward`.
@@ -364,6 +379,7 @@ __all__ = [
     "IMRAMPreTrainedModel",
     "LocalFeatures",
     "MemoryDistillationUnit",
+    "concat_local_features",
     "cross_attention",
     "masked_mean",
 ]

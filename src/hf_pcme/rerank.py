@@ -14,6 +14,9 @@ from typing import Any
 
 import torch
 
+#: Pairs scored by the re-ranker at once.
+RERANK_PAIR_BATCH = 4096
+
 #: Config keys that say nothing about what a tower computes (ignored when comparing towers).
 _VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "architectures", "torch_dtype", "dtype", "_attn_implementation_autoset")
 
@@ -56,6 +59,26 @@ def check_rerank_top_k(rerank_top_k: int, top_k: int | None = None) -> int:
     return rerank_top_k
 
 
+@torch.no_grad()
+def candidate_scores(
+    reranker: Any, images: Any, texts: Any, candidates: torch.Tensor, queries_are_images: bool
+) -> torch.Tensor:
+    """Re-ranker scores ``(Q, K)`` of each query with its candidate items ``candidates (Q, K)``.
+
+    ``images`` / ``texts`` are the re-ranker's local features (:class:`~hf_pcme.modeling_imram.LocalFeatures`);
+    the queries are the rows of ``images`` (``queries_are_images``) or of ``texts``, the candidates index the other.
+    """
+    num_queries, top_k = candidates.shape
+    query_rows = torch.arange(num_queries, device=candidates.device).repeat_interleave(top_k)
+    item_rows = candidates.reshape(-1)
+    image_rows, text_rows = (query_rows, item_rows) if queries_are_images else (item_rows, query_rows)
+    scores = []
+    for start in range(0, image_rows.numel(), RERANK_PAIR_BATCH):
+        chunk = slice(start, start + RERANK_PAIR_BATCH)
+        scores.append(reranker.score_pairs(images.select(image_rows[chunk]), texts.select(text_rows[chunk])).float())
+    return torch.cat(scores).reshape(num_queries, top_k)
+
+
 def rerank_score_matrix(first_stage: torch.Tensor, candidates: torch.Tensor, candidate_scores: torch.Tensor) -> torch.Tensor:
     """Scores ``(Q, N)`` whose ranking is: the ``candidates (Q, K)`` by ``candidate_scores (Q, K)``, then the rest by ``first_stage``.
 
@@ -78,4 +101,4 @@ def rerank(
     return rerank_score_matrix(first_stage, candidates, score_candidates(candidates))
 
 
-__all__ = ["check_rerank_top_k", "check_reranker_fits", "rerank", "rerank_score_matrix"]
+__all__ = ["candidate_scores", "check_rerank_top_k", "check_reranker_fits", "rerank", "rerank_score_matrix"]

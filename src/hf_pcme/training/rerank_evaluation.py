@@ -14,27 +14,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..modeling_imram import IMRAMModel, LocalFeatures
+from ..modeling_imram import IMRAMModel, LocalFeatures, concat_local_features
 from ..outputs import ProbabilisticEmbedding
-from ..rerank import check_reranker_fits, rerank
-
-#: Pairs scored by the re-ranker at once.
-RERANK_PAIR_BATCH = 4096
-
-
-def _pad_cat(parts: list[LocalFeatures]) -> LocalFeatures:
-    """Concatenate batches of local features padded to different lengths (zeros, mask False)."""
-    length = max(part.features.shape[1] for part in parts)
-    features, masks = [], []
-    for part in parts:
-        batch, size, dim = part.features.shape
-        pad = length - size
-        features.append(torch.nn.functional.pad(part.features, (0, 0, 0, pad)))
-        mask = part.mask if part.mask is not None else torch.ones(batch, size, dtype=torch.bool, device=part.features.device)
-        masks.append(torch.nn.functional.pad(mask, (0, pad), value=False))
-    mask = torch.cat(masks)
-    return LocalFeatures(torch.cat(features), None if bool(mask.all()) and parts[0].mask is None else mask)
-
+from ..rerank import candidate_scores, check_reranker_fits, rerank
 
 @torch.no_grad()
 def encode_local_features(
@@ -60,23 +42,7 @@ def encode_local_features(
             texts.append(reranker.encode_texts(encoded["input_ids"].to(device), encoded["attention_mask"].to(device)))
     finally:
         reranker.train(was_training)
-    return _pad_cat(images), _pad_cat(texts)
-
-
-@torch.no_grad()
-def candidate_scores(
-    reranker: IMRAMModel, images: LocalFeatures, texts: LocalFeatures, candidates: torch.Tensor, queries_are_images: bool
-) -> torch.Tensor:
-    """IMRAM scores ``(Q, K)`` of each query row with its candidate items ``candidates (Q, K)``."""
-    num_queries, top_k = candidates.shape
-    query_rows = torch.arange(num_queries, device=candidates.device).repeat_interleave(top_k)
-    item_rows = candidates.reshape(-1)
-    image_rows, text_rows = (query_rows, item_rows) if queries_are_images else (item_rows, query_rows)
-    scores = []
-    for start in range(0, image_rows.numel(), RERANK_PAIR_BATCH):
-        chunk = slice(start, start + RERANK_PAIR_BATCH)
-        scores.append(reranker.score_pairs(images.select(image_rows[chunk]), texts.select(text_rows[chunk])).float())
-    return torch.cat(scores).reshape(num_queries, top_k)
+    return concat_local_features(images), concat_local_features(texts)
 
 
 def first_stage_scores(model: Any, image_embeds: ProbabilisticEmbedding, text_embeds: ProbabilisticEmbedding,
@@ -162,7 +128,6 @@ def rerank_metrics(model: Any, reranker: IMRAMModel, processor: Any, view: Any, 
 
 
 __all__ = [
-    "candidate_scores",
     "load_reranker",
     "encode_local_features",
     "first_stage_scores",
