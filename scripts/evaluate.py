@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--protocol", choices=["coco", "eccv_caption", "cxc"],
                         help="COCO 5K test: eccv_caption adds ECCV Caption mAP@R / R-P / R@1 and CxC R@K "
                              "(pip install hf_pcme[eccv]); default: coco when the split is whole 1K folds")
+    parser.add_argument("--reranker", help="an IMRAM model folder: re-rank each query's first-stage top-K with it")
+    parser.add_argument("--rerank-top-k", type=int, default=50, help="candidates re-ranked per query (with --reranker)")
     return parser.parse_args(argv)
 
 
@@ -138,9 +140,22 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         ids = {"image_ids": column_as_numpy(view.images, "image_id"), "text_ids": column_as_numpy(view.captions, "caption_id")}
     metrics = retrieval_metrics(model, view, images, texts, scorer=scorer, protocol=protocol, seed=args.seed,
                                 num_samples=args.num_samples, **ids)
+    first_stage, ranking = None, scorer
+    if args.reranker:
+        from hf_pcme.training.rerank_evaluation import load_reranker, rerank_metrics
+
+        reranker = load_reranker(args.reranker, model, args.rerank_top_k).to(accelerator.device)
+        first_stage = metrics
+        metrics = rerank_metrics(model, reranker, processor, view, images, texts, scorer=scorer,
+                                 rerank_top_k=args.rerank_top_k, protocol=protocol,
+                                 seed=args.seed, num_samples=args.num_samples, batch_size=args.batch_size,
+                                 progress_bar=accelerator.is_main_process)
+        ranking = f"{scorer}, top-{args.rerank_top_k} re-ranked by IMRAM"
     if not accelerator.is_main_process:
         return metrics
-    print_table(metrics, f"{args.model} on {args.dataset}/{args.split} ({scorer}), percent")
+    if first_stage is not None:
+        print_table(first_stage, f"{args.model} alone (first stage), percent")
+    print_table(metrics, f"{args.model} on {args.dataset}/{args.split} ({ranking}), percent")
     if protocol in ("eccv_caption", "cxc"):
         from hf_pcme.metrics.eccv_caption import pcmepp_table
 
@@ -148,7 +163,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     folder = Path(args.model)
     output = Path(args.output) if args.output else (folder if folder.is_dir() else Path(".")) / f"eval_{args.dataset}_{args.split}.json"
     output.write_text(json.dumps({"model": args.model, "dataset": args.dataset, "split": args.split,
-                                  "scorer": scorer, "metrics": metrics}, indent=2))
+                                  "scorer": ranking, "metrics": metrics, "reranker": args.reranker,
+                                  "first_stage_metrics": first_stage}, indent=2))
     print(f"\nresults: {output}")
     if args.uncertainty_report:
         report_dir = Path(args.output_dir) if args.output_dir else (folder if folder.is_dir() else Path("."))

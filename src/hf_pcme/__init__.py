@@ -8,10 +8,12 @@ installed), and registers the ``"cross-modal-retrieval"`` pipeline.
 
 from transformers import AutoConfig, AutoModel, AutoProcessor
 
+from .configuration_imram import IMRAMConfig
 from .configuration_pcme import PCMEConfig
 from .configuration_text_encoders import PCMEBiGRUConfig
 from .hub import push_to_hub
 from .index import CrossModalIndex
+from .modeling_imram import IMRAMModel, IMRAMOutput
 from .modeling_pcme import PCMEModel, PCMEOutput, PCMEPreTrainedModel
 from .outputs import LossOutput, ProbabilisticEmbedding
 from .pipeline_cross_modal_retrieval import CrossModalRetrievalPipeline, register_pipeline
@@ -29,6 +31,10 @@ def _register() -> None:
     AutoModel.register(PCMEBiGRUConfig, PCMEBiGRUModel, exist_ok=True)
     AutoProcessor.register(PCMEConfig, PCMEProcessor, exist_ok=True)
     PCMEConfig.register_for_auto_class()
+    AutoConfig.register(IMRAMConfig.model_type, IMRAMConfig, exist_ok=True)
+    AutoModel.register(IMRAMConfig, IMRAMModel, exist_ok=True)
+    IMRAMConfig.register_for_auto_class()
+    IMRAMModel.register_for_auto_class("AutoModel")
     PCMEModel.register_for_auto_class("AutoModel")
     PCMEProcessor.register_for_auto_class("AutoProcessor")
     register_pipeline()
@@ -42,6 +48,9 @@ _register()
 __all__ = [
     "CrossModalIndex",
     "CrossModalRetrievalPipeline",
+    "IMRAMConfig",
+    "IMRAMModel",
+    "IMRAMOutput",
     "LossOutput",
     "PCMEBiGRUConfig",
     "PCMEBiGRUModel",

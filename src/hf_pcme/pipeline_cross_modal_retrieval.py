@@ -21,6 +21,7 @@ This file is shipped as remote code with pushed models: it only imports flat sib
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from .index import (
     model_fingerprint,
 )
 from .outputs import ProbabilisticEmbedding
+from .rerank import candidate_scores, check_rerank_top_k, check_reranker_fits
 from .visualization import attention_heatmap
 
 TASK = "cross-modal-retrieval"
@@ -61,6 +63,7 @@ _CALL_PARAMETERS = (
     "corpus_modality",
     "progress_bar",
     "match_seed",
+    "rerank_top_k",
 )
 
 
@@ -78,6 +81,13 @@ class CrossModalRetrievalPipeline(Pipeline):
     ``corpus_modality`` (``"auto"``), ``progress_bar`` (True, while a corpus list is embedded),
     ``match_seed`` (default: the model's ``config.inference_seed``, so the Monte-Carlo samples of the
     match probability are reproducible; ``None`` there = fresh noise).
+
+    Two-stage retrieval: ``pipeline(..., reranker=IMRAMModel or folder, rerank_top_k=50)`` takes each
+    query's first-stage top ``rerank_top_k`` (>= ``top_k``) from the index, re-orders them by the
+    re-ranker's score and returns the first ``top_k``; each item keeps its first-stage ``score``,
+    ``match_probability`` and ``uncertainty`` and gains ``rerank_score`` and ``first_stage_rank``.
+    The re-ranker must read the same inputs as the model (its towers' configs equal, e.g. built with
+    ``IMRAMModel.from_dual_encoder``), and the index must come from a corpus list or :meth:`build_index`.
     """
 
     _load_processor = None
@@ -86,13 +96,29 @@ class CrossModalRetrievalPipeline(Pipeline):
     _load_feature_extractor = False
     _load_video_processor = False
 
-    def __init__(self, *args: Any, index: CrossModalIndex | None = None, **kwargs: Any):
+    def __init__(self, *args: Any, index: CrossModalIndex | None = None, reranker: Any = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         # The embeddings of a model's index are only comparable with that model's queries.
         self._model_fingerprint = model_fingerprint(self.model)
         self._index: CrossModalIndex | None = None
+        self.reranker = self._load_reranker(reranker)
+        # The re-ranker's local features of each index's items, for indexes this pipeline built.
+        self._rerank_features: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         if index is not None:
             self.set_index(index)
+
+    def _load_reranker(self, reranker: Any) -> Any:
+        """An IMRAM model (instance or folder / hub id) that fits this pipeline's model, in eval mode; or None."""
+        if reranker is None:
+            return None
+        if isinstance(reranker, (str, Path)):
+            from .modeling_imram import IMRAMModel
+
+            reranker = IMRAMModel.from_pretrained(reranker)
+        if not callable(getattr(reranker, "score_pairs", None)):
+            raise ValueError(f"reranker must be an IMRAMModel (or its folder), got {type(reranker).__name__}.")
+        check_reranker_fits(reranker, self.model)
+        return reranker.to(self.device).eval()
 
     # ------------------------------------------------------------------ index
     @property
@@ -126,7 +152,28 @@ class CrossModalRetrievalPipeline(Pipeline):
         kwargs.setdefault("batch_size", self._batch_size or 32)
         kwargs.setdefault("device", self.device)
         kwargs.setdefault("metric", default_metric(self.model))
-        return CrossModalIndex.build(self.model, self._processor_for(modality), corpus, modality, **kwargs)
+        index = CrossModalIndex.build(self.model, self._processor_for(modality), corpus, modality, **kwargs)
+        if self.reranker is not None:
+            self._rerank_features[index] = self._local_features(corpus, modality, kwargs["batch_size"])
+        return index
+
+    @torch.no_grad()
+    def _local_features(self, items: Sequence[Any], modality: str, batch_size: int) -> Any:
+        """The re-ranker's local features of corpus items (captions or images), concatenated."""
+        from .modeling_imram import concat_local_features
+
+        parts = []
+        for start in range(0, len(items), batch_size):
+            inputs = self.preprocess(items[start : start + batch_size], modality=modality)
+            parts.append(self._reranker_features(inputs))
+        return concat_local_features(parts)
+
+    def _reranker_features(self, model_inputs: dict[str, Any]) -> Any:
+        if model_inputs["modality"] == "text":
+            return self.reranker.encode_texts(
+                model_inputs["input_ids"].to(self.device), model_inputs["attention_mask"].to(self.device)
+            )
+        return self.reranker.encode_images(model_inputs["pixel_values"].to(self.device, self.reranker.dtype))
 
     def _processor_for(self, modality: str) -> Any:
         if self.processor is not None:
@@ -243,8 +290,13 @@ class CrossModalRetrievalPipeline(Pipeline):
         top_k: int = 5,
         return_attention: bool = False,
         match_seed: int | None = None,
+        rerank_top_k: int | None = None,
     ) -> dict[str, Any]:
         modality = model_inputs["modality"]
+        first_stage_k = top_k
+        if self.reranker is not None:
+            rerank_top_k = check_rerank_top_k(rerank_top_k if rerank_top_k is not None else max(50, top_k), top_k)
+            first_stage_k = min(rerank_top_k, index.num_items)
         if modality == "text":
             query = self.model.get_text_features(
                 input_ids=model_inputs["input_ids"], attention_mask=model_inputs["attention_mask"], num_samples=0
@@ -252,8 +304,8 @@ class CrossModalRetrievalPipeline(Pipeline):
         else:
             pixel_values = model_inputs["pixel_values"].to(self.model.dtype)
             query = self.model.get_image_features(pixel_values=pixel_values, num_samples=0)
-        result = index.search(query.mean, query.log_sigma2 if index.metric == "csd" else None, top_k=top_k)
-        return {
+        result = index.search(query.mean, query.log_sigma2 if index.metric == "csd" else None, top_k=first_stage_k)
+        outputs = {
             "modality": modality,
             "images": model_inputs.get("images"),
             "scores": result.scores,
@@ -262,7 +314,40 @@ class CrossModalRetrievalPipeline(Pipeline):
             "match_probability": self._match_probability(query, modality, index, result.indices, match_seed),
             "query_uncertainty": query.uncertainty,
             "attention": query.attention if return_attention else None,
+            "rerank_scores": None,
+            "first_stage_ranks": None,
         }
+        if self.reranker is not None:
+            outputs = self._rerank(outputs, model_inputs, index, top_k)
+        return outputs
+
+    def _rerank(self, outputs: dict[str, Any], model_inputs: dict[str, Any], index: CrossModalIndex, top_k: int) -> dict:
+        """Re-order each query's first-stage candidates by the re-ranker's score and keep the first ``top_k``.
+
+        Every per-item field (first-stage score, distance, match probability) moves with its item.
+        """
+        items = self._rerank_features.get(index)
+        if items is None:
+            raise ValueError(
+                "Re-ranking needs the re-ranker's features of the corpus: pass corpus=[captions or images], or build "
+                "the index with this pipeline (retriever.build_index(corpus)) before retriever.set_index(index)."
+            )
+        queries = self._reranker_features(model_inputs)
+        indices = outputs["indices"]
+        device = queries.features.device
+        candidates = indices.clamp_min(0).to(device)
+        if model_inputs["modality"] == "image":
+            scores = candidate_scores(self.reranker, queries, items, candidates, queries_are_images=True)
+        else:
+            scores = candidate_scores(self.reranker, items, queries, candidates, queries_are_images=False)
+        scores = scores.masked_fill(indices.to(device) < 0, float("-inf")).cpu()
+        order = scores.argsort(dim=1, descending=True, stable=True)[:, :top_k]
+        for key in ("scores", "indices", "distances", "match_probability"):
+            if outputs[key] is not None:
+                outputs[key] = outputs[key].gather(1, order.to(outputs[key].device))
+        outputs["rerank_scores"] = scores.gather(1, order)
+        outputs["first_stage_ranks"] = order
+        return outputs
 
     def _match_probability(
         self,
@@ -317,6 +402,9 @@ class CrossModalRetrievalPipeline(Pipeline):
                     item["distance"] = float(model_outputs["distances"][q, rank])
                 item["match_probability"] = float(model_outputs["match_probability"][q, rank])
                 item["uncertainty"] = float(index.uncertainty[position]) if index.uncertainty is not None else None
+                if model_outputs.get("rerank_scores") is not None:
+                    item["rerank_score"] = float(model_outputs["rerank_scores"][q, rank])
+                    item["first_stage_rank"] = int(model_outputs["first_stage_ranks"][q, rank])
                 if return_attention and index.attention is not None:
                     item["attention"] = index.attention[position].numpy()
                 results.append(item)

@@ -96,6 +96,10 @@ def build_model(recipe: Recipe, tokenizer: Any = None) -> PCMEModel:
     and, with ``model.word_embeddings``, GloVe word vectors.
     """
     model_recipe = recipe.model
+    if model_recipe.architecture == "imram":
+        from .builders_imram import build_imram_model
+
+        return build_imram_model(recipe, tokenizer)
     if model_recipe.pretrained is not None:
         return PCMEModel.from_pretrained(model_recipe.pretrained)
     vision_model = load_pretrained_tower(model_recipe.vision_tower) if model_recipe.vision_tower else None
@@ -118,10 +122,30 @@ def build_model(recipe: Recipe, tokenizer: Any = None) -> PCMEModel:
     return model
 
 
+def build_training_module(model: Any, train_recipe: Any, processor: Any = None) -> Any:
+    """The ``nn.Module`` whose forward is one training step's loss on the global batch (PCME or IMRAM)."""
+    from ..modeling_imram import IMRAMModel
+    from .module import ContrastiveTrainingModule
+
+    if isinstance(model, IMRAMModel):
+        from .module_imram import IMRAMTrainingModule
+
+        return IMRAMTrainingModule(model, diagonal_positives_only=train_recipe.diagonal_positives_only)
+    tokenizer = getattr(processor, "tokenizer", None)
+    return ContrastiveTrainingModule(
+        model, diagonal_positives_only=train_recipe.diagonal_positives_only,
+        duplicate_caption_positives=train_recipe.duplicate_caption_positives,
+        mix_batch_ratio=train_recipe.mix_batch_ratio, partial_caption_ratio=train_recipe.partial_caption_ratio,
+        word_drop_prob=train_recipe.word_drop_prob,
+        protected_token_ids=tuple(getattr(tokenizer, "all_special_ids", ())),
+    )
+
+
 __all__ = [
     "build_image_processor",
     "build_model",
     "build_processor",
+    "build_training_module",
     "build_tokenizer",
     "pcme_config_kwargs",
 ]

@@ -41,7 +41,7 @@ from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .builders import build_model, build_processor
+from .builders import build_model, build_processor, build_training_module
 from .checkpointing import CheckpointManager, read_checkpoint_state, write_directory_atomically
 from .config import Recipe
 from .data import load_splits, make_batch_sampler, make_training_rows, select_first_images
@@ -239,12 +239,7 @@ class Trainer:
         accelerator.free_memory()  # drop the previous phase's wrappers (and DDP's gradient hooks)
         self.module = self.optimizer = self.scheduler = self.train_loader = None
         freeze_towers(self.model, phase.frozen)
-        module = ContrastiveTrainingModule(
-            self.model, diagonal_positives_only=train.diagonal_positives_only,
-            duplicate_caption_positives=train.duplicate_caption_positives, mix_batch_ratio=train.mix_batch_ratio,
-            partial_caption_ratio=train.partial_caption_ratio, word_drop_prob=train.word_drop_prob,
-            protected_token_ids=tuple(getattr(self.processor.tokenizer, "all_special_ids", ())),
-        )
+        module = build_training_module(self.model, train, processor=self.processor)
         optimizer = build_optimizer(
             self.model, phase.lr, train.weight_decay, train.tower_lr_multiplier, train.optimizer
         )

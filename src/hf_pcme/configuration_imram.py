@@ -1,0 +1,72 @@
+"""Configuration of :class:`IMRAMModel`: two towers' local features, projections, and the IMRAM matcher.
+
+Reference: Chen, Ding, Lin, Zhao & Han, "IMRAM: Iterative Matching with Recurrent Attention Memory
+for Cross-Modal Image-Text Retrieval", CVPR 2020.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PreTrainedConfig
+
+from .configuration_pcme import resolve_tower_config
+from .registry import lookup
+
+#: Which directions of alignment score a pair (the paper's three variants).
+IMRAM_VARIANTS = {
+    "text": "Text-IMRAM: words are the queries, attending over image regions",
+    "image": "Image-IMRAM: regions are the queries, attending over words",
+    "full": "IMRAM: the sum of both",
+}
+
+
+class IMRAMConfig(PreTrainedConfig):
+    r"""Configuration of an IMRAM cross-attention matcher (a re-ranker of a dual encoder's top-K).
+
+    Args:
+        vision_config / text_config: the towers (as in :class:`PCMEConfig`); their local features
+            (CNN grid cells / patch tokens; token outputs) are what IMRAM aligns.
+        embed_dim: size D of the common space the regions and words are projected to.
+        num_steps: K, matching steps (memory updates), 1..3 in the paper.
+        variant: ``"text"`` (Text-IMRAM), ``"image"`` (Image-IMRAM) or ``"full"`` (both summed).
+        attention_temperature: lambda, the inverse temperature of the attention softmax (SCAN / IMRAM).
+        leaky_relu_slope: negative slope of the clipping of the raw similarities (SCAN's
+            ``clipped_l2norm``: LeakyReLU(0.1)); 0 gives a plain ReLU clip.
+        margin: margin of the hardest-negative triplet loss (VSE++ / IMRAM: 0.2).
+        max_violation: hardest negative only (``True``, VSE++) or the sum over negatives.
+        freeze_towers: keep the towers' weights (and BatchNorm statistics) fixed: the towers of a
+            trained dual encoder, shared for re-ranking.
+        dual_encoder: where the towers came from (a folder or hub id of a PCME model), informational.
+        initializer_range: std of the normal initialisation of the linear layers.
+    """
+
+    model_type = "imram"
+
+    vision_config: PreTrainedConfig | dict | None = None
+    text_config: PreTrainedConfig | dict | None = None
+    embed_dim: int = 256
+    num_steps: int = 3
+    variant: str = "full"
+    attention_temperature: float = 10.0
+    leaky_relu_slope: float = 0.1
+    margin: float = 0.2
+    max_violation: bool = True
+    freeze_towers: bool = True
+    dual_encoder: str | None = None
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs: Any):
+        self.vision_config = resolve_tower_config("vision_config", self.vision_config, "resnet")
+        self.text_config = resolve_tower_config("text_config", self.text_config, "pcme_bigru")
+        lookup(IMRAM_VARIANTS, self.variant, "variant")
+        if int(self.embed_dim) < 1:
+            raise ValueError(f"embed_dim must be a positive integer, got {self.embed_dim}.")
+        if int(self.num_steps) < 1:
+            raise ValueError(f"num_steps (K, matching steps) must be >= 1, got {self.num_steps}.")
+        if float(self.attention_temperature) <= 0:
+            raise ValueError(f"attention_temperature (lambda) must be > 0, got {self.attention_temperature}.")
+        super().__post_init__(**kwargs)
+
+
+__all__ = ["IMRAMConfig", "IMRAM_VARIANTS"]

@@ -1,0 +1,40 @@
+"""Build the :class:`~hf_pcme.IMRAMModel` of a recipe with ``model.architecture: imram``.
+
+``model.pretrained`` names a trained dual encoder (a PCME folder or hub id): IMRAM is built on its
+towers (frozen unless ``model.imram.freeze_towers`` is false) and the recipe uses its processor, so
+the re-ranker reads exactly the inputs the dual encoder reads. Without ``pretrained`` the towers are
+built from the recipe as for a PCME model, and trained with IMRAM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ..configuration_imram import IMRAMConfig
+from ..modeling_imram import IMRAMModel
+from .config import Recipe
+
+
+def build_imram_model(recipe: Recipe, tokenizer: Any = None) -> IMRAMModel:
+    """An IMRAMModel on the towers of ``model.pretrained`` (a PCME model) or of fresh towers; ``model.imram`` = IMRAMConfig fields."""
+    from ..modeling_pcme import PCMEModel
+    from .builders import build_model
+
+    options = dict(recipe.model.imram or {})
+    unknown = sorted(set(options) - set(IMRAMConfig.__annotations__) - {"vision_config", "text_config"})
+    unknown += sorted({"vision_config", "text_config"} & set(options))
+    if unknown:
+        valid = sorted(set(IMRAMConfig.__annotations__) - {"vision_config", "text_config"})
+        raise ValueError(f"Unknown model.imram key(s) {', '.join(unknown)}; valid keys are: {', '.join(valid)}.")
+    if recipe.model.pretrained is not None:
+        dual_encoder = PCMEModel.from_pretrained(recipe.model.pretrained)
+        options.setdefault("dual_encoder", recipe.model.pretrained)
+    else:
+        options.setdefault("freeze_towers", False)  # new towers must learn
+        pcme_recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, architecture="pcme"))
+        dual_encoder = build_model(pcme_recipe, tokenizer)
+    return IMRAMModel.from_dual_encoder(dual_encoder, **options)
+
+
+__all__ = ["build_imram_model"]
