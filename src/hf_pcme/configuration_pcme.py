@@ -8,6 +8,7 @@ from transformers import PreTrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from .configuration_text_encoders import PCMEBiGRUConfig
+from .configuration_textgcn import PCMETextGCNConfig
 from .heads import HEADS
 from .losses import LOSSES
 from .registry import lookup
@@ -15,7 +16,10 @@ from .registry import lookup
 #: Tower configs shipped with this package. They are resolved here rather than through
 #: ``AutoConfig`` so that a saved model also loads with ``trust_remote_code=True`` in a process
 #: where ``hf_pcme`` is not installed (and so "pcme_bigru" is unknown to ``AutoConfig``).
-BUILTIN_TOWER_CONFIGS: dict[str, type[PreTrainedConfig]] = {"pcme_bigru": PCMEBiGRUConfig}
+BUILTIN_TOWER_CONFIGS: dict[str, type[PreTrainedConfig]] = {
+    "pcme_bigru": PCMEBiGRUConfig,
+    "pcme_textgcn": PCMETextGCNConfig,
+}
 
 #: How :meth:`PCMEModel.match_probability` turns two Gaussians into a probability.
 MATCH_FUNCTIONS = {"sampled": "PCME Monte-Carlo over J x J samples", "csd": "PCME++ closed-form sampled distance"}

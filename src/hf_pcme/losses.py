@@ -14,6 +14,7 @@ from torch import nn
 from .loss_center import CrossModalCenterLoss
 from .loss_csd import ClosedFormSampledDistanceLoss
 from .loss_infonce import InfoNCELoss
+from .loss_pairwise_similarity import PairwiseSimilarityLoss
 from .loss_pvse import PolysemousTripletLoss
 from .loss_sampled_contrastive import SampledContrastiveLoss
 from .loss_triplet import HardestNegativeTripletLoss
@@ -26,6 +27,7 @@ LOSSES: dict[str, type[nn.Module]] = {
     "vsepp": HardestNegativeTripletLoss,
     "pvse": PolysemousTripletLoss,
     "center": CrossModalCenterLoss,
+    "pairwise_similarity": PairwiseSimilarityLoss,
 }
 
 #: Keyword arguments the model supplies for every loss; each loss receives only those it accepts.

@@ -31,10 +31,14 @@ from .heads import HEADS, UncertaintyBranch
 from .losses import build_loss
 from .outputs import ProbabilisticEmbedding
 from .text_encoders import PCMEBiGRUModel
+from .text_gcn import PCMETextGCNModel
 
 #: Built-in towers, instantiated directly (not through ``AutoModel``) so remote code works
 #: without ``hf_pcme`` being installed.
-BUILTIN_TOWERS: dict[str, type[PreTrainedModel]] = {"pcme_bigru": PCMEBiGRUModel}
+BUILTIN_TOWERS: dict[str, type[PreTrainedModel]] = {
+    "pcme_bigru": PCMEBiGRUModel,
+    "pcme_textgcn": PCMETextGCNModel,
+}
 
 #: Rows of the query side processed at once by the pairwise scores, bounding the
 #: (rows x J) x (M x J) intermediate of the sampled match probability.

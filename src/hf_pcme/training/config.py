@@ -77,12 +77,14 @@ class ModelRecipe:
     vocab_min_frequency: int = 1
     max_caption_length: int = 64
     embed_dim: int = 1024
-    head_type: Literal["probabilistic", "deterministic", "polysemous"] = "probabilistic"
+    head_type: Literal["probabilistic", "deterministic", "polysemous", "diversified_attention"] = "probabilistic"
     num_embeds: int = 2
     num_samples: int = 7
     attention_hidden_dim: int | None = None
     head_dropout: float = 0.0
-    loss_type: Literal["pcme", "pcme++", "infonce", "vsepp", "pvse", "center"] = "pcme"
+    loss_type: Literal[
+        "pcme", "pcme++", "infonce", "vsepp", "pvse", "center", "pairwise_similarity", "graph_pattern"
+    ] = "pcme"
     loss_kwargs: dict = field(default_factory=dict)
     init_negative_scale: float = 15.0
     init_shift: float = 15.0

@@ -41,7 +41,7 @@ from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .builders import build_model, build_processor
+from .builders import build_model, build_processor, needs_training_captions
 from .checkpointing import CheckpointManager, read_checkpoint_state, write_directory_atomically
 from .config import Recipe
 from .data import load_splits, make_batch_sampler, make_training_rows, select_first_images
@@ -206,10 +206,10 @@ class Trainer:
             train_split, eval_split = load_splits(recipe)
         self.train_split = train_split
         self.eval_split = select_first_images(eval_split, recipe.eval.max_images) if eval_split is not None else None
-        needs_captions = recipe.model.pretrained is None and recipe.model.tokenizer is None and recipe.model.text_tower is None
+        needs_captions = needs_training_captions(recipe)
         captions = train_split.select_columns(["caption"])["caption"] if needs_captions else None
         self.processor = build_processor(recipe, captions)
-        self.model = build_model(recipe, self.processor.tokenizer)
+        self.model = build_model(recipe, self.processor.tokenizer, captions)
         self.train_rows = make_training_rows(
             recipe, train_split, self.processor, progress=accelerator.is_local_main_process
         )
