@@ -13,6 +13,7 @@ from torch import nn
 
 from .loss_center import CrossModalCenterLoss
 from .loss_csd import ClosedFormSampledDistanceLoss
+from .loss_graph_pattern import GraphPatternLoss
 from .loss_infonce import InfoNCELoss
 from .loss_pairwise_similarity import PairwiseSimilarityLoss
 from .loss_pvse import PolysemousTripletLoss
@@ -28,6 +29,7 @@ LOSSES: dict[str, type[nn.Module]] = {
     "pvse": PolysemousTripletLoss,
     "center": CrossModalCenterLoss,
     "pairwise_similarity": PairwiseSimilarityLoss,
+    "graph_pattern": GraphPatternLoss,
 }
 
 #: Keyword arguments the model supplies for every loss; each loss receives only those it accepts.

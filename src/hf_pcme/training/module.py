@@ -38,10 +38,15 @@ class ContrastiveTrainingModule(nn.Module):
     ``diagonal_positives_only`` (the original PCME) or no ids are given.
     """
 
-    def __init__(self, model: nn.Module, diagonal_positives_only: bool = False):
+    def __init__(
+        self, model: nn.Module, diagonal_positives_only: bool = False, modality_classifier: nn.Module | None = None
+    ):
         super().__init__()
         self.model = model
         self.diagonal_positives_only = diagonal_positives_only
+        # GPLDAN's adversarial modality classifier (training only; see .adversarial): part of the
+        # training state (accelerate checkpoints), never of the saved model.
+        self.modality_classifier = modality_classifier
 
     def train(self, mode: bool = True) -> "ContrastiveTrainingModule":
         super().train(mode)
@@ -65,7 +70,12 @@ class ContrastiveTrainingModule(nn.Module):
         if image_ids is not None and not self.diagonal_positives_only:
             all_ids = gather_tensor(image_ids)
             positive_mask = positive_mask_from_ids(all_ids)
-        return self.model.compute_loss(image_embeds, text_embeds, positive_mask=positive_mask, labels=gather_tensor(labels))
+        output = self.model.compute_loss(image_embeds, text_embeds, positive_mask=positive_mask, labels=gather_tensor(labels))
+        if self.modality_classifier is None:
+            return output
+        adversarial = self.modality_classifier(image_embeds, text_embeds)
+        components = {**(output.components or {}), **{k: v.detach() for k, v in adversarial.items()}}
+        return LossOutput(loss=output.loss + adversarial["modality_classifier"], components=components)
 
 
 __all__ = ["ContrastiveTrainingModule", "positive_mask_from_ids"]

@@ -41,6 +41,7 @@ from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .adversarial import build_modality_classifier
 from .builders import build_model, build_processor, needs_training_captions
 from .checkpointing import CheckpointManager, read_checkpoint_state, write_directory_atomically
 from .config import Recipe
@@ -210,6 +211,7 @@ class Trainer:
         captions = train_split.select_columns(["caption"])["caption"] if needs_captions else None
         self.processor = build_processor(recipe, captions)
         self.model = build_model(recipe, self.processor.tokenizer, captions)
+        self.modality_classifier = build_modality_classifier(recipe, self.model.config.embed_dim)
         self.train_rows = make_training_rows(
             recipe, train_split, self.processor, progress=accelerator.is_local_main_process
         )
@@ -237,10 +239,15 @@ class Trainer:
         accelerator.free_memory()  # drop the previous phase's wrappers (and DDP's gradient hooks)
         self.module = self.optimizer = self.scheduler = self.train_loader = None
         freeze_towers(self.model, phase.frozen)
-        module = ContrastiveTrainingModule(self.model, diagonal_positives_only=train.diagonal_positives_only)
+        classifier = getattr(self, "modality_classifier", None)
+        module = ContrastiveTrainingModule(
+            self.model, diagonal_positives_only=train.diagonal_positives_only, modality_classifier=classifier
+        )
         optimizer = build_optimizer(
             self.model, phase.lr, train.weight_decay, train.tower_lr_multiplier, train.optimizer
         )
+        if classifier is not None:  # trained with the model, saved only in the training checkpoints
+            optimizer.add_param_group({"params": list(classifier.parameters()), "lr": phase.lr, "weight_decay": 0.0})
         scheduler = build_scheduler(optimizer, phase.steps, train.warmup_steps, train.min_lr_ratio)
         self.module, self.optimizer, self.scheduler, self.train_loader = accelerator.prepare(
             module, optimizer, scheduler, self._make_train_loader()
