@@ -8,6 +8,7 @@ R@1/5/10 in both directions. Results are appended to ``<output-dir>/results.json
 so an interrupted run keeps what it measured.
 
     python benchmarks/compare_systems.py                 # 4 systems x 3 seeds (CPU: tens of minutes)
+    python benchmarks/compare_systems.py --epochs 1      # the same, one epoch per system
     python benchmarks/compare_systems.py --quick         # smoke run on tiny data (not a measurement)
 """
 
@@ -43,6 +44,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--output-dir", default="runs/compare_systems")
     parser.add_argument("--systems", nargs="*", default=list(SYSTEMS), choices=list(SYSTEMS))
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    parser.add_argument("--epochs", type=float, default=None,
+                        help="train.phase2_epochs for every system (default: each recipe's own, 3)")
     parser.add_argument("--quick", action="store_true", help="tiny data, one epoch: a smoke run, not a measurement")
     return parser.parse_args()
 
@@ -52,17 +55,19 @@ def main() -> None:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     log = output_dir / "results.jsonl"
-    overrides = QUICK_OVERRIDES if args.quick else []
+    overrides = list(QUICK_OVERRIDES if args.quick else [])
+    if args.epochs is not None:
+        overrides.append(f"train.phase2_epochs={args.epochs}")
     accelerator = Accelerator()
     done = {}
     if log.exists():
         for line in log.read_text(encoding="utf-8").splitlines():
             row = json.loads(line)
-            done[(row["system"], row["seed"], row["quick"])] = row
+            done[(row["system"], row["seed"], row["quick"], row.get("epochs"))] = row
     test_views = {}
     for seed in args.seeds:  # seeds outermost: an interrupted run has every system at the first seeds
         for system in args.systems:
-            if (system, seed, args.quick) in done:
+            if (system, seed, args.quick, args.epochs) in done:
                 continue
             recipe = load_recipe(REPO_ROOT / SYSTEMS[system], [
                 f"seed={seed}", f"output_dir={output_dir / f'{system}-seed{seed}'}", "train.eval_every=0",
@@ -79,18 +84,21 @@ def main() -> None:
             images, texts = encode_for_scorer(result.model, result.processor, view, accelerator, scorer=scorer,
                                               batch_size=recipe.eval.batch_size, num_samples=recipe.eval.num_samples)
             metrics = retrieval_metrics(result.model, view, images, texts, scorer=scorer, seed=recipe.seed)
-            row = {"system": system, "seed": seed, "quick": args.quick, "scorer": scorer, "train_minutes": minutes,
+            row = {"system": system, "seed": seed, "quick": args.quick, "epochs": args.epochs, "scorer": scorer,
+                   "train_minutes": minutes,
                    "metrics": {k: metrics[k] for k in KEYS}}
             with log.open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps(row) + "\n")
-            done[(system, seed, args.quick)] = row
+            done[(system, seed, args.quick, args.epochs)] = row
             print(f"{system} seed {seed}: " + ", ".join(f"{k} {metrics[k]:.1f}" for k in KEYS), flush=True)
 
-    print(f"\nshapes test split, mean (std) over seeds {args.seeds}; percent")
+    epochs = "each recipe's epochs" if args.epochs is None else f"{args.epochs:g} epoch(s) each"
+    print(f"\nshapes test split, mean (std) over seeds {args.seeds}, {epochs}; percent")
     print(f"| system | seeds | {' | '.join(KEYS)} |")
     print("|---|---|" + "---|" * len(KEYS))
     for system in args.systems:
-        rows = [done[(system, s, args.quick)] for s in args.seeds if (system, s, args.quick) in done]
+        keys = [(system, s, args.quick, args.epochs) for s in args.seeds]
+        rows = [done[key] for key in keys if key in done]
         if not rows:
             continue
         cells = []

@@ -244,3 +244,13 @@ def test_pairwise_similarity_loss_matches_a_loop_over_pairs(num_embeds):
     var = lambda v: sum((x - mean(v)) ** 2 for x in v) / len(v)  # noqa: E731
     expected = 2.0 * (var(positives) + var(negatives)) + 0.5 * max(0.0, 0.7 - (mean(positives) - mean(negatives)))
     assert out.loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_freezing_word_embeddings_of_the_gcn_is_a_clear_error():
+    from hf_pcme.training.optim import freeze_towers
+
+    processor = tiny_processor()
+    model = PCMEModel(tiny_pcme_config(text_config=gcn_text_config(len(processor.tokenizer)), head_type="deterministic",
+                                       loss_type="pairwise_similarity"))
+    with pytest.raises(ValueError, match="phase1_frozen"):
+        freeze_towers(model, ["word_embeddings"])
