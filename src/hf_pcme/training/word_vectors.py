@@ -19,6 +19,16 @@ import torch
 logger = logging.getLogger(__name__)
 
 
+def _gensim_models():
+    try:
+        import gensim.models
+    except ImportError as error:  # pragma: no cover - gensim is in the test extra
+        raise ImportError(
+            "The text GCN's word vectors need gensim: pip install 'hf_pcme[textgcn]' (or pip install gensim)."
+        ) from error
+    return gensim.models
+
+
 def caption_words(tokenizer: Any, captions: Iterable[str]) -> list[list[str]]:
     """Each caption as the list of its vocabulary words (the tokenizer's own lower-casing and splitting)."""
     special = set(getattr(tokenizer, "all_special_tokens", []))
@@ -48,7 +58,7 @@ def train_word2vec(
 
     Vocabulary words seen fewer than ``min_count`` times get a zero row (no vector).
     """
-    from gensim.models import Word2Vec
+    Word2Vec = _gensim_models().Word2Vec  # noqa: N806
 
     if not any(sentences):
         raise ValueError("Cannot train Word2Vec for the text GCN: the training captions contain no words.")
@@ -71,7 +81,7 @@ def load_word_vector_file(path: str | os.PathLike, vocab: dict[str, int], word_d
 
     Words missing from the file get a zero row; a file that covers none of them raises a ``ValueError``.
     """
-    from gensim.models import KeyedVectors
+    KeyedVectors = _gensim_models().KeyedVectors  # noqa: N806
 
     path = str(path)
     if not os.path.isfile(path):
