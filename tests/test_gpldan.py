@@ -250,3 +250,51 @@ def test_remote_code_model_and_pipeline_work_without_the_package(saved):
     assert [r["id"] for r in remote["results"]] == [r["id"] for r in expected["results"]]
     for got, want in zip(remote["results"], expected["results"]):
         assert got["score"] == pytest.approx(want["score"], rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------- trainer
+TINY = [
+    "model.vision_config={model_type: resnet, embedding_size: 8, hidden_sizes: [8, 16], depths: [1, 1], "
+    "layer_type: basic, downsample_in_first_stage: false}",
+    "model.text_config={model_type: pcme_bigru, word_dim: 8, hidden_size: 16}",
+    "model.embed_dim=8",
+    "data.image_size=32",
+    "train.batch_size=8",
+    "train.phase2_steps=4",
+    "train.warmup_steps=1",
+    "train.checkpoint_every=2",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "eval.enabled=false",
+    "logging=jsonl",
+    "train.modality_classifier_ramp_steps=2",
+]
+
+
+def _tiny_recipe(output_dir, cache_dir, *extra):
+    from pathlib import Path
+
+    from hf_pcme.training.config import load_recipe
+
+    options = f"data.options={{num_images: 8, num_eval_images: 4, image_size: 32, cache_dir: {cache_dir}}}"
+    repo = Path(__file__).resolve().parents[1]
+    return load_recipe(repo / "configs" / "shapes_gpldan.yaml", [*TINY, options, f"output_dir={output_dir}", *extra])
+
+
+def test_resumed_run_restores_the_modality_classifier(tmp_path):
+    import json
+
+    from hf_pcme.training.trainer import Trainer, train
+
+    cache = tmp_path / "cache"
+    full = train(_tiny_recipe(tmp_path / "full", cache))
+    stopped = train(_tiny_recipe(tmp_path / "resumed", cache, "train.stop_after_steps=2"))
+    assert stopped.interrupted
+    trainer = Trainer(_tiny_recipe(tmp_path / "resumed", cache))
+    resumed = trainer.train(resume=True)
+    assert int(trainer.modality_classifier.num_steps) == 4  # restored at 2, then two more forward passes
+    for name, weight in full.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], weight, rtol=0, atol=0, msg=name)
+    logs = [json.loads(line) for line in (tmp_path / "full" / "logs").rglob("*.jsonl").__next__().read_text().splitlines()]
+    accuracies = [row["train/modality_accuracy"] for row in logs if "train/modality_accuracy" in row]
+    assert len(accuracies) == 4 and all(0.0 <= a <= 1.0 for a in accuracies)

@@ -254,3 +254,26 @@ def test_freezing_word_embeddings_of_the_gcn_is_a_clear_error():
                                        loss_type="pairwise_similarity"))
     with pytest.raises(ValueError, match="phase1_frozen"):
         freeze_towers(model, ["word_embeddings"])
+
+
+def test_textgcn_recipe_trains_and_saves_a_self_contained_model(tmp_path):
+    from pathlib import Path
+
+    from hf_pcme.training.config import load_recipe
+    from hf_pcme.training.trainer import train
+
+    repo = Path(__file__).resolve().parents[1]
+    recipe = load_recipe(repo / "configs" / "shapes_textgcn.yaml", [
+        "model.vision_config={model_type: resnet, embedding_size: 8, hidden_sizes: [8, 16], depths: [1, 1], "
+        "layer_type: basic, downsample_in_first_stage: false}",
+        "model.text_config={model_type: pcme_textgcn, word_dim: 8, hidden_size: 16, num_neighbors: 3, word2vec_epochs: 2}",
+        "model.embed_dim=8", "data.image_size=32", "train.batch_size=8", "train.phase2_steps=2",
+        "train.warmup_steps=0", "train.eval_every=0", "eval.enabled=false", "logging=jsonl",
+        f"data.options={{num_images: 8, num_eval_images: 4, image_size: 32, cache_dir: {tmp_path / 'cache'}}}",
+        f"output_dir={tmp_path / 'run'}",
+    ])
+    result = train(recipe)
+    reloaded = PCMEModel.from_pretrained(tmp_path / "run")
+    assert isinstance(reloaded.text_model, PCMETextGCNModel)
+    assert torch.equal(reloaded.text_model.word_vectors, result.model.text_model.word_vectors)
+    assert reloaded.text_model.neighbor_weights.abs().sum() > 0
