@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoModel, AutoProcessor
 from .configuration_imram import IMRAMConfig
 from .configuration_pcme import PCMEConfig
 from .configuration_text_encoders import PCMEBiGRUConfig
+from .configuration_textgcn import PCMETextGCNConfig
 from .hub import push_to_hub
 from .index import CrossModalIndex
 from .modeling_imram import IMRAMModel, IMRAMOutput
@@ -19,6 +20,7 @@ from .outputs import LossOutput, ProbabilisticEmbedding
 from .pipeline_cross_modal_retrieval import CrossModalRetrievalPipeline, register_pipeline
 from .processing_pcme import PCMEProcessor
 from .text_encoders import PCMEBiGRUModel
+from .text_gcn import PCMETextGCNModel
 from .tokenization import build_word_level_tokenizer
 
 __version__ = "0.1.0"
@@ -29,6 +31,8 @@ def _register() -> None:
     AutoConfig.register(PCMEBiGRUConfig.model_type, PCMEBiGRUConfig, exist_ok=True)
     AutoModel.register(PCMEConfig, PCMEModel, exist_ok=True)
     AutoModel.register(PCMEBiGRUConfig, PCMEBiGRUModel, exist_ok=True)
+    AutoConfig.register(PCMETextGCNConfig.model_type, PCMETextGCNConfig, exist_ok=True)
+    AutoModel.register(PCMETextGCNConfig, PCMETextGCNModel, exist_ok=True)
     AutoProcessor.register(PCMEConfig, PCMEProcessor, exist_ok=True)
     PCMEConfig.register_for_auto_class()
     AutoConfig.register(IMRAMConfig.model_type, IMRAMConfig, exist_ok=True)
@@ -59,6 +63,8 @@ __all__ = [
     "PCMEOutput",
     "PCMEPreTrainedModel",
     "PCMEProcessor",
+    "PCMETextGCNConfig",
+    "PCMETextGCNModel",
     "ProbabilisticEmbedding",
     "build_word_level_tokenizer",
     "push_to_hub",

@@ -9,13 +9,17 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from .configuration_pcme_original_text import PCMEOriginalTextConfig
 from .configuration_text_encoders import PCMEBiGRUConfig
+from .configuration_textgcn import PCMETextGCNConfig
 from .registry import lookup
 
 #: Tower configs shipped with this package. They are resolved here rather than through
 #: ``AutoConfig`` so that a saved model also loads with ``trust_remote_code=True`` in a process
 #: where ``hf_pcme`` is not installed (and so "pcme_bigru" is unknown to ``AutoConfig``).
-BUILTIN_TOWER_CONFIGS: dict[str, type[PreTrainedConfig]] = {"pcme_bigru": PCMEBiGRUConfig}
-BUILTIN_TOWER_CONFIGS["pcme_original_text"] = PCMEOriginalTextConfig  # converted original PCME checkpoints
+BUILTIN_TOWER_CONFIGS: dict[str, type[PreTrainedConfig]] = {
+    "pcme_bigru": PCMEBiGRUConfig,
+    "pcme_textgcn": PCMETextGCNConfig,
+    "pcme_original_text": PCMEOriginalTextConfig,  # converted original PCME checkpoints
+}
 
 #: How :meth:`PCMEModel.match_probability` turns two Gaussians into a probability.
 MATCH_FUNCTIONS = {"sampled": "PCME Monte-Carlo over J x J samples", "csd": "PCME++ closed-form sampled distance"}
@@ -48,17 +52,19 @@ class PCMEConfig(PreTrainedConfig):
         vision_config: config of the image tower: any transformers vision backbone (ResNet, ViT,
             CLIP vision, ...) as a config object or a dict with ``model_type``.
         text_config: config of the text tower: any transformers text backbone (BERT, CLIP text,
-            ...) or the built-in ``"pcme_bigru"``.
+            ...) or the built-in ``"pcme_bigru"`` / ``"pcme_textgcn"`` (dual-path GCN text path).
         embed_dim: size D of the joint embedding space (1024 for COCO, 512 for CUB in PCME).
         head_type: ``"probabilistic"`` (PCME: mean + ``log_sigma2``), ``"deterministic"``
-            (VSE++ / InfoNCE: a point) or ``"polysemous"`` (PVSE: K points).
+            (VSE++ / InfoNCE: a point), ``"polysemous"`` (PVSE: K points) or ``"diversified_attention"``
+            (GPLDAN: K points from interacting attention maps).
         num_embeds: K, embeddings per item for the polysemous head.
         num_samples: J, Monte-Carlo samples per item for the sampled match probability (7 in PCME).
         attention_hidden_dim: hidden size of the additive attention pooling (``None``: half the
             local-feature size).
         head_dropout: dropout on the local residual branch of the heads.
         loss_type: training objective, one of ``pcme`` (sampled contrastive + VIB), ``pcme++``
-            (closed-form sampled distance), ``infonce``, ``vsepp``, ``pvse``, ``center``.
+            (closed-form sampled distance), ``infonce``, ``vsepp``, ``pvse``, ``center``,
+            ``pairwise_similarity`` (dual-path GCN), ``graph_pattern`` (GPLDAN).
         loss_kwargs: keyword arguments of the loss (e.g. ``{"vib_beta": 1e-5}``).
         init_negative_scale: initial ``a`` of the match probability ``sigmoid(2(-a d + b))``
             (15 on COCO, 5 on CUB in PCME).

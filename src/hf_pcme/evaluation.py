@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .distributed import gather_embeddings
+from .heads import MULTI_EMBEDDING_HEADS
 from .outputs import ProbabilisticEmbedding
 
 #: The model-index task of retrieval results (model cards, ``scripts/evaluate.py --update-card``).
@@ -117,7 +118,7 @@ def default_scorer(model: Any) -> str:
     config = model.config
     if config.head_type == "deterministic":
         return "cosine"
-    if config.head_type == "polysemous":
+    if config.head_type in MULTI_EMBEDDING_HEADS:  # K embeddings per item
         return "polysemous"
     return "csd" if config.match_function == "csd" else "sampled"
 

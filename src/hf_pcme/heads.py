@@ -133,9 +133,66 @@ class PolysemousHead(_PIEHead):
         return ProbabilisticEmbedding(mean=mean, attention=attention)
 
 
+class DiversifiedAttentionHead(nn.Module):
+    """GPLDAN's diversified attention projector: K representations per item that see each other.
+
+    K additive attention maps pool the local features (as PIE-Net / PVSE), then the K pooled
+    vectors interact through one residual self-attention step before each is projected like PIE's
+    mean branch::
+
+        A, P  = attention pooling (K heads) of local features x       A (B, K, L), P (B, K, C)
+        P'    = P + softmax(P Wq (P Wk)^T / sqrt(C)) P Wv                (representations attend to each other)
+        r_k   = normalize(LayerNorm(g + dropout(sigmoid(fc(P'_k)))))    g = projected global feature
+
+    ``mean`` is ``(B, K, D)`` and ``attention`` is ``A``; a diversity term on ``A`` (``||Â Â^T - I||_F^2``)
+    belongs to the loss (``loss_type="graph_pattern"``, as ``"pvse"``). Scoring is the best (or mean) of
+    the K x K pairs, as for the polysemous head.
+
+    Reference: Chen, Zhang & Zhan, "Graph Pattern Loss based Diversified Attention Network for
+    Cross-Modal Retrieval", ICIP 2020 (arXiv:2106.13552). The paper's projector is described as
+    "considering the interaction between different representations"; the single self-attention step
+    above is our reading of that interaction.
+    """
+
+    uses_num_embeds = True
+
+    def __init__(
+        self,
+        local_dim: int,
+        global_dim: int,
+        embed_dim: int,
+        hidden_dim: int,
+        dropout: float = 0.0,
+        num_embeds: int = 1,
+    ):
+        super().__init__()
+        if int(num_embeds) < 1:
+            raise ValueError(f"num_embeds (K) must be a positive integer for the diversified attention head, got {num_embeds}.")
+        self.attention = AttentionPooling(local_dim, hidden_dim, num_embeds)
+        self.query = nn.Linear(local_dim, local_dim, bias=False)
+        self.key = nn.Linear(local_dim, local_dim, bias=False)
+        self.value = nn.Linear(local_dim, local_dim)
+        self.global_proj = nn.Linear(global_dim, embed_dim)
+        self.local_proj = nn.Linear(local_dim, embed_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.layer_norm = nn.LayerNorm(embed_dim)
+
+    def forward(self, local: torch.Tensor, global_feature: torch.Tensor, mask: torch.Tensor | None = None) -> ProbabilisticEmbedding:
+        attention, pooled = self.attention(local, mask)
+        scores = self.query(pooled) @ self.key(pooled).transpose(1, 2) / pooled.shape[-1] ** 0.5
+        pooled = pooled + scores.float().softmax(dim=-1).to(pooled.dtype) @ self.value(pooled)
+        residual = self.dropout(torch.sigmoid(self.local_proj(pooled)))
+        out = self.layer_norm(self.global_proj(global_feature).unsqueeze(1) + residual)
+        return ProbabilisticEmbedding(mean=F.normalize(out, dim=-1), attention=attention)
+
+
 #: head_type -> head class. A new head is a new class plus one entry here.
 HEADS: dict[str, type[nn.Module]] = {
     "probabilistic": ProbabilisticHead,
     "deterministic": DeterministicHead,
     "polysemous": PolysemousHead,
+    "diversified_attention": DiversifiedAttentionHead,
 }
+
+#: Heads that give K embeddings per item ``(B, K, D)``, scored by the best of the K x K pairs.
+MULTI_EMBEDDING_HEADS = ("polysemous", "diversified_attention")

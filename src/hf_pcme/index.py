@@ -51,6 +51,7 @@ from .distances import (
     iter_row_chunks,
     query_search_vectors,
 )
+from .heads import MULTI_EMBEDDING_HEADS
 from .outputs import ProbabilisticEmbedding
 from .registry import check_choice
 
@@ -103,7 +104,7 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     """
     config = getattr(model, "config", None)
     head_type = getattr(config, "head_type", "unknown")
-    num_embeds = getattr(config, "num_embeds", 1) if head_type == "polysemous" else 1
+    num_embeds = getattr(config, "num_embeds", 1) if head_type in MULTI_EMBEDDING_HEADS else 1
     embed_dim = getattr(config, "embed_dim", "unknown")
     heads = [getattr(model, name) for name in ("image_head", "text_head") if hasattr(model, name)]
     named = [

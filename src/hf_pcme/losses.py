@@ -13,8 +13,10 @@ from torch import nn
 
 from .loss_center import CrossModalCenterLoss
 from .loss_csd import ClosedFormSampledDistanceLoss
+from .loss_graph_pattern import GraphPatternLoss
 from .loss_inclusion import InclusionCSDLoss
 from .loss_infonce import InfoNCELoss
+from .loss_pairwise_similarity import PairwiseSimilarityLoss
 from .loss_pvse import PolysemousTripletLoss
 from .loss_sampled_contrastive import SampledContrastiveLoss
 from .loss_siglip import SigmoidPairLoss
@@ -30,6 +32,8 @@ LOSSES: dict[str, type[nn.Module]] = {
     "center": CrossModalCenterLoss,
     "siglip": SigmoidPairLoss,
     "prolip": InclusionCSDLoss,
+    "pairwise_similarity": PairwiseSimilarityLoss,
+    "graph_pattern": GraphPatternLoss,
 }
 
 #: Keyword arguments the model supplies for every loss; each loss receives only those it accepts.

@@ -33,11 +33,15 @@ from .outputs import ProbabilisticEmbedding
 from .registry import lookup
 from .text_encoder_pcme_original import PCMEOriginalTextModel
 from .text_encoders import PCMEBiGRUModel
+from .text_gcn import PCMETextGCNModel
 
 #: Built-in towers, instantiated directly (not through ``AutoModel``) so remote code works
 #: without ``hf_pcme`` being installed.
-BUILTIN_TOWERS: dict[str, type[PreTrainedModel]] = {"pcme_bigru": PCMEBiGRUModel}
-BUILTIN_TOWERS["pcme_original_text"] = PCMEOriginalTextModel  # converted original PCME checkpoints
+BUILTIN_TOWERS: dict[str, type[PreTrainedModel]] = {
+    "pcme_bigru": PCMEBiGRUModel,
+    "pcme_textgcn": PCMETextGCNModel,
+    "pcme_original_text": PCMEOriginalTextModel,  # converted original PCME checkpoints
+}
 
 #: Offsets of the images' and the captions' generator seeds (``2 * inference_seed + stream``), so the two
 #: modalities draw independent noise (the metrics' sampled scorer uses the same convention).

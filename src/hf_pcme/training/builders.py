@@ -87,13 +87,28 @@ def build_processor(recipe: Recipe, captions: Iterable[str] | None = None) -> PC
     return PCMEProcessor(image_processor=build_image_processor(recipe), tokenizer=build_tokenizer(recipe, captions))
 
 
-def build_model(recipe: Recipe, tokenizer: Any = None) -> PCMEModel:
+def needs_training_captions(recipe: Recipe) -> bool:
+    """Whether building the recipe's model needs the training captions (a word-level tokenizer, or Word2Vec for the text GCN)."""
+    model = recipe.model
+    if model.pretrained is not None or model.text_tower is not None:
+        return False
+    gcn_needs_vectors = _uses_text_gcn(model) and model.word_embeddings is None
+    return model.tokenizer is None or gcn_needs_vectors
+
+
+def _uses_text_gcn(model: ModelRecipe) -> bool:
+    return model.text_tower is None and (model.text_config or {}).get("model_type") == "pcme_textgcn"
+
+
+def build_model(recipe: Recipe, tokenizer: Any = None, captions: Iterable[str] | None = None) -> PCMEModel:
     """The :class:`~hf_pcme.PCMEModel` of a recipe.
 
     ``model.pretrained`` loads a whole saved model. Otherwise each tower is loaded pretrained from
     ``vision_tower`` / ``text_tower`` (hub id or local folder) or built from ``vision_config`` /
     ``text_config``; the built-in bi-GRU gets ``vocab_size`` / ``pad_token_id`` from ``tokenizer``
-    and, with ``model.word_embeddings``, GloVe word vectors.
+    and, with ``model.word_embeddings``, GloVe word vectors. The text GCN gets its word vectors and
+    word graph from ``model.word_embeddings`` (word2vec text format) or from Word2Vec trained on
+    ``captions`` (see :mod:`hf_pcme.training.word_vectors`).
     """
     model_recipe = recipe.model
     if model_recipe.architecture == "imram":
@@ -114,7 +129,14 @@ def build_model(recipe: Recipe, tokenizer: Any = None) -> PCMEModel:
         **pcme_config_kwargs(model_recipe),
     )
     model = PCMEModel(config, vision_model=vision_model, text_model=text_model)
-    if model_recipe.word_embeddings is not None:
+    if _uses_text_gcn(model_recipe):
+        from .word_vectors import initialise_text_gcn
+
+        if tokenizer is None:
+            raise ValueError("The text GCN (text_config.model_type 'pcme_textgcn') needs the tokenizer to build its word graph.")
+        covered = initialise_text_gcn(model.text_model, tokenizer, captions, model_recipe.word_embeddings, seed=recipe.seed)
+        logger.info("Text GCN: word vectors for %d of %d vocabulary words.", covered, len(tokenizer))
+    elif model_recipe.word_embeddings is not None:
         if not _uses_builtin_text_tower(model_recipe) or tokenizer is None:
             raise ValueError("model.word_embeddings (GloVe vectors) only applies to the built-in bi-GRU text tower.")
         found = model.text_model.load_word_vectors(model_recipe.word_embeddings, tokenizer.get_vocab())
@@ -122,7 +144,7 @@ def build_model(recipe: Recipe, tokenizer: Any = None) -> PCMEModel:
     return model
 
 
-def build_training_module(model: Any, train_recipe: Any, processor: Any = None) -> Any:
+def build_training_module(model: Any, train_recipe: Any, processor: Any = None, modality_classifier: Any = None) -> Any:
     """The ``nn.Module`` whose forward is one training step's loss on the global batch (PCME or IMRAM)."""
     from ..modeling_imram import IMRAMModel
     from .module import ContrastiveTrainingModule
@@ -138,6 +160,7 @@ def build_training_module(model: Any, train_recipe: Any, processor: Any = None) 
         mix_batch_ratio=train_recipe.mix_batch_ratio, partial_caption_ratio=train_recipe.partial_caption_ratio,
         word_drop_prob=train_recipe.word_drop_prob,
         protected_token_ids=tuple(getattr(tokenizer, "all_special_ids", ())),
+        modality_classifier=modality_classifier,
     )
 
 
@@ -147,5 +170,6 @@ __all__ = [
     "build_processor",
     "build_training_module",
     "build_tokenizer",
+    "needs_training_captions",
     "pcme_config_kwargs",
 ]

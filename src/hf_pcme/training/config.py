@@ -145,6 +145,10 @@ class TrainRecipe:
     images; ``mix_batch_ratio`` mixes that fraction of the images (PCME++ mixup / cutmix, soft
     targets); ``partial_caption_ratio`` / ``word_drop_prob`` make word-dropped captions for the
     ``prolip`` inclusion loss.
+    reach the loss). ``modality_classifier`` adds GPLDAN's adversarial modality classifier (see
+    ``hf_pcme.training.adversarial``): gradient-reversal coefficient ``modality_classifier_weight``
+    (default 1) reached over ``modality_classifier_ramp_steps`` forward passes (schedule ``dann``) or
+    at once (``constant``).
     """
 
     batch_size: int = 128
@@ -181,6 +185,11 @@ class TrainRecipe:
     mix_batch_ratio: float = 0.0
     partial_caption_ratio: float = 0.0
     word_drop_prob: float = 0.5
+    modality_classifier: bool = False
+    modality_classifier_hidden_dim: int = 64
+    modality_classifier_weight: float | None = None
+    modality_classifier_schedule: Literal["constant", "dann"] = "dann"
+    modality_classifier_ramp_steps: int = 1000
 
 
 @dataclass
@@ -369,6 +378,17 @@ def _validate_values(recipe: Recipe) -> None:
         raise ValueError(f"Recipe key 'train.min_lr_ratio' must be in [0, 1], got {recipe.train.min_lr_ratio}.")
     if recipe.train.grad_clip is not None and recipe.train.grad_clip <= 0:
         raise ValueError("Recipe key 'train.grad_clip' must be > 0, or null for no clipping.")
+    if recipe.train.modality_classifier_weight is not None and not recipe.train.modality_classifier:
+        raise ValueError(
+            "Recipe key 'train.modality_classifier_weight' is set but 'train.modality_classifier' is false: "
+            "enable the modality classifier (train.modality_classifier=true) or remove the weight."
+        )
+    if recipe.train.modality_classifier:
+        for key in ("modality_classifier_hidden_dim", "modality_classifier_ramp_steps"):
+            if getattr(recipe.train, key) < 1:
+                raise ValueError(f"Recipe key 'train.{key}' must be >= 1, got {getattr(recipe.train, key)}.")
+        if (recipe.train.modality_classifier_weight or 0.0) < 0:
+            raise ValueError("Recipe key 'train.modality_classifier_weight' must be >= 0.")
     if recipe.model.pretrained is None and recipe.model.vision_tower is None and recipe.model.vision_config is None:
         raise ValueError("The recipe names no image tower: set 'model.vision_tower' (hub id or folder), "
                          "'model.vision_config' (a dict with model_type) or 'model.pretrained'.")

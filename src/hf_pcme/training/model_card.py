@@ -16,6 +16,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..evaluation import TASK_NAME, TASK_TYPE, metric_display_name  # noqa: F401  (re-exported)
+from ..heads import MULTI_EMBEDDING_HEADS
 from .config import Recipe
 
 #: The template shipped inside the package (``model_cards/template.md`` in the repository links here).
@@ -121,6 +122,7 @@ def build_model_card(
         "probabilistic": "Gaussian distribution (a mean and a per-dimension variance)",
         "deterministic": "point",
         "polysemous": f"set of {model.num_embeds} points",
+        "diversified_attention": f"set of {model.num_embeds} points",
     }[model.head_type]
     if probabilistic:
         match_text = (
@@ -129,7 +131,7 @@ def build_model_card(
             else f"Monte-Carlo match probability over J = {model.num_samples} samples per item (PCME)"
         )
     else:
-        match_text = "cosine similarity of the embeddings" + (" (best of K x K pairs)" if model.head_type == "polysemous" else "")
+        match_text = "cosine similarity of the embeddings" + (" (best of K x K pairs)" if model.head_type in MULTI_EMBEDDING_HEADS else "")
     summary = {
         "probabilistic": "A probabilistic cross-modal embedding (PCME, Chun et al. CVPR 2021): each input is a "
         "Gaussian whose variance is meant to express ambiguity (check the evaluation before relying on it), "
@@ -137,6 +139,8 @@ def build_model_card(
         "deterministic": "A deterministic dual encoder (one point per input), trained as a baseline for "
         "probabilistic embeddings.",
         "polysemous": "A polysemous visual-semantic embedding (PVSE, Song & Soleymani CVPR 2019): K points per input.",
+        "diversified_attention": "A diversified attention network (GPLDAN, Chen et al. ICIP 2020): K points per input "
+        "from K attention maps that interact.",
     }[model.head_type]
     train = recipe.train
     default_summary = (

@@ -56,6 +56,7 @@ class ContrastiveTrainingModule(nn.Module):
         partial_caption_ratio: float = 0.0,
         word_drop_prob: float = 0.5,
         protected_token_ids: tuple[int, ...] = (),
+        modality_classifier: nn.Module | None = None,
     ):
         super().__init__()
         self.model = model
@@ -65,6 +66,9 @@ class ContrastiveTrainingModule(nn.Module):
         self.partial_caption_ratio = partial_caption_ratio
         self.word_drop_prob = word_drop_prob
         self.protected_token_ids = tuple(protected_token_ids)
+        # GPLDAN's adversarial modality classifier (training only; see .adversarial): part of the
+        # training state (accelerate checkpoints), never of the saved model.
+        self.modality_classifier = modality_classifier
 
     def train(self, mode: bool = True) -> "ContrastiveTrainingModule":
         super().train(mode)
@@ -110,9 +114,14 @@ class ContrastiveTrainingModule(nn.Module):
             partial = self.model.get_text_features(partial_ids, partial_mask, **partial_kwargs)
             loss_inputs["partial_text"] = gather_embeddings(partial)
             loss_inputs["partial_source"] = gather_embeddings(text_local.select(slice(0, num_partial)))
-        return self.model.compute_loss(
+        output = self.model.compute_loss(
             image_embeds, text_embeds, positive_mask=positive_mask, labels=gather_tensor(labels), **loss_inputs
         )
+        if self.modality_classifier is None:
+            return output
+        adversarial = self.modality_classifier(image_embeds, text_embeds)
+        components = {**(output.components or {}), **{k: v.detach() for k, v in adversarial.items()}}
+        return LossOutput(loss=output.loss + adversarial["modality_classifier"], components=components)
 
 
 def is_single_process() -> bool:

@@ -37,7 +37,13 @@ def tower_modules(model: nn.Module, names: Iterable[str]) -> list[nn.Module]:
     modules = []
     for name in names:
         if name == "word_embeddings":
-            modules.append(model.text_model.get_input_embeddings())
+            embeddings = model.text_model.get_input_embeddings()
+            if embeddings is None:  # e.g. the text GCN, whose word vectors are fixed buffers
+                raise ValueError(
+                    "train.phase1_frozen lists 'word_embeddings' but the text tower has no trainable word "
+                    "embeddings; remove it (freeze 'text' to freeze the whole tower)."
+                )
+            modules.append(embeddings)
         elif name in TOWER_ATTRIBUTES:
             modules.append(getattr(model, TOWER_ATTRIBUTES[name]))
         else:

@@ -41,7 +41,8 @@ from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .builders import build_model, build_processor, build_training_module
+from .adversarial import build_modality_classifier
+from .builders import build_model, build_processor, build_training_module, needs_training_captions
 from .checkpointing import CheckpointManager, read_checkpoint_state, write_directory_atomically
 from .config import Recipe
 from .data import load_splits, make_batch_sampler, make_training_rows, select_first_images
@@ -206,12 +207,13 @@ class Trainer:
             train_split, eval_split = load_splits(recipe)
         self.train_split = train_split
         self.eval_split = select_first_images(eval_split, recipe.eval.max_images) if eval_split is not None else None
-        needs_captions = recipe.model.pretrained is None and recipe.model.tokenizer is None and recipe.model.text_tower is None
+        needs_captions = needs_training_captions(recipe)
         captions = train_split.select_columns(["caption"])["caption"] if needs_captions else None
         self.processor = build_processor(recipe, captions)
-        self.model = build_model(recipe, self.processor.tokenizer)
+        self.model = build_model(recipe, self.processor.tokenizer, captions)
         if recipe.train.freeze_uncertainty:
             freeze_uncertainty(self.model)
+        self.modality_classifier = build_modality_classifier(recipe, self.model.config.embed_dim)
         self.train_rows = make_training_rows(
             recipe, train_split, self.processor, progress=accelerator.is_local_main_process
         )
@@ -239,10 +241,13 @@ class Trainer:
         accelerator.free_memory()  # drop the previous phase's wrappers (and DDP's gradient hooks)
         self.module = self.optimizer = self.scheduler = self.train_loader = None
         freeze_towers(self.model, phase.frozen)
-        module = build_training_module(self.model, train, processor=self.processor)
+        classifier = getattr(self, "modality_classifier", None)
+        module = build_training_module(self.model, train, processor=self.processor, modality_classifier=classifier)
         optimizer = build_optimizer(
             self.model, phase.lr, train.weight_decay, train.tower_lr_multiplier, train.optimizer
         )
+        if classifier is not None:  # trained with the model, saved only in the training checkpoints
+            optimizer.add_param_group({"params": list(classifier.parameters()), "lr": phase.lr, "weight_decay": 0.0})
         scheduler = build_scheduler(optimizer, phase.steps, train.warmup_steps, train.min_lr_ratio)
         self.module, self.optimizer, self.scheduler, self.train_loader = accelerator.prepare(
             module, optimizer, scheduler, self._make_train_loader()
