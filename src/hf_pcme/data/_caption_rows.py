@@ -45,7 +45,14 @@ from typing import Any
 import datasets
 from PIL import Image, UnidentifiedImageError
 
-from hf_pcme.data._common import ArrowBatcher, MissingFileCounter, build_with_cache, code_hash, logger
+from hf_pcme.data._common import (
+    ArrowBatcher,
+    MissingFileCounter,
+    build_with_cache,
+    code_hash,
+    file_signature,
+    logger,
+)
 from hf_pcme.registry import check_choice
 
 EMPTY_CAPTION_POLICIES = ("error", "skip")
@@ -393,7 +400,5 @@ def build_caption_rows(
 
 def dataset_signature(dataset: datasets.Dataset) -> str:
     """The fingerprint of a dataset and the sizes / times of its Arrow files (for the cache key)."""
-    from hf_pcme.data._common import file_signature
-
     files = [entry["filename"] for entry in dataset.cache_files]
     return dataset._fingerprint + ":" + (file_signature(files) if files else "memory")

@@ -33,6 +33,7 @@ from typing import Any
 import datasets
 import numpy as np
 
+from hf_pcme.data import shapes as shapes_module
 from hf_pcme.data._caption_rows import DEFAULT_TAG_SEPARATOR
 from hf_pcme.data._common import ArrowBatcher, build_with_cache, code_hash
 from hf_pcme.data.shapes import (
@@ -47,7 +48,6 @@ from hf_pcme.data.shapes import (
     render_image,
     sample_image_spec,
 )
-from hf_pcme.data import shapes as shapes_module
 from hf_pcme.registry import check_choice
 
 #: Words of a tag, in order, and their vocabularies.

@@ -24,6 +24,7 @@ What differs from two-phase training:
 from __future__ import annotations
 
 import dataclasses
+
 import torch
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
