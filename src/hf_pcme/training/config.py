@@ -209,8 +209,32 @@ class EvalRecipe:
 
 
 @dataclass
+class StageRecipe:
+    """One stage of a multi-stage recipe (``stages:``), e.g. webly supervised training: web images
+    with tags first, then clean captions (``configs/shapes_webly.yaml``).
+
+    ``data`` holds the keys of the top-level ``data`` section that this stage changes (each given
+    key replaces the top-level value; ``options`` is replaced as a whole, not merged). The length
+    is ``epochs`` of this stage's data, or ``steps`` optimiser steps when set (as for the phases
+    of ``train``); ``lr`` defaults to ``train.lr``; ``frozen`` lists the parts kept frozen.
+    """
+
+    name: str = ""
+    data: dict = field(default_factory=dict)
+    epochs: float = 1.0
+    steps: int | None = None
+    lr: float | None = None
+    frozen: list[Literal["vision", "text", "word_embeddings"]] = field(default_factory=list)
+
+
+@dataclass
 class Recipe:
-    """A complete training recipe (see ``configs/*.yaml``)."""
+    """A complete training recipe (see ``configs/*.yaml``).
+
+    With ``stages`` (a list of :class:`StageRecipe`), the run trains stage after stage, each on its
+    own data, instead of the two phases of ``train``; the top-level ``data`` section is then the
+    evaluation data and the defaults each stage starts from.
+    """
 
     name: str = "pcme"
     output_dir: str = "runs/pcme"
@@ -220,6 +244,7 @@ class Recipe:
     data: DataRecipe = field(default_factory=DataRecipe)
     train: TrainRecipe = field(default_factory=TrainRecipe)
     eval: EvalRecipe = field(default_factory=EvalRecipe)
+    stages: list[StageRecipe] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """A plain nested dict (YAML / JSON serialisable)."""
@@ -389,9 +414,22 @@ def _validate_values(recipe: Recipe) -> None:
                 raise ValueError(f"Recipe key 'train.{key}' must be >= 1, got {getattr(recipe.train, key)}.")
         if (recipe.train.modality_classifier_weight or 0.0) < 0:
             raise ValueError("Recipe key 'train.modality_classifier_weight' must be >= 0.")
+    for index, stage in enumerate(recipe.stages):
+        stage_data(recipe, index)  # unknown or mistyped data keys fail here, naming the stage
+        key = f"stages[{index}]"
+        for name in ("epochs", "steps", "lr"):
+            value = getattr(stage, name)
+            if value is not None and value < 0:
+                raise ValueError(f"Recipe key '{key}.{name}' must be >= 0, got {value}.")
     if recipe.model.pretrained is None and recipe.model.vision_tower is None and recipe.model.vision_config is None:
         raise ValueError("The recipe names no image tower: set 'model.vision_tower' (hub id or folder), "
                          "'model.vision_config' (a dict with model_type) or 'model.pretrained'.")
+
+
+def stage_data(recipe: Recipe, index: int) -> DataRecipe:
+    """The data section of stage ``index``: the top-level ``data`` with the stage's keys replaced."""
+    values = {**dataclasses.asdict(recipe.data), **recipe.stages[index].data}
+    return _build(DataRecipe, values, f"stages[{index}].data")
 
 
 # ---------------------------------------------------------------------------------------- loading
@@ -419,14 +457,33 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
         path, value = parse_override(text)
         node = values
         for depth, part in enumerate(path[:-1]):
+            if isinstance(node, list):  # a list section (stages): the part is an index
+                node = _list_item(node, part, text)
+                continue
             child = node.get(part)
             if child is None:
                 child = node[part] = {}
-            if not isinstance(child, dict):
+            if not isinstance(child, (dict, list)):
                 raise ValueError(f"Override {text!r}: {'.'.join(path[: depth + 1])!r} is not a section.")
             node = child
-        node[path[-1]] = value
+        if isinstance(node, list):
+            node[_list_index(node, path[-1], text)] = value
+        else:
+            node[path[-1]] = value
     return values
+
+
+def _list_index(items: list, part: str, text: str) -> int:
+    if not part.isdigit() or int(part) >= len(items):
+        raise ValueError(f"Override {text!r}: {part!r} is not an index of a list of {len(items)} item(s).")
+    return int(part)
+
+
+def _list_item(items: list, part: str, text: str) -> dict:
+    item = items[_list_index(items, part, text)]
+    if not isinstance(item, dict):
+        raise ValueError(f"Override {text!r}: item {part} is not a section.")
+    return item
 
 
 def recipe_from_dict(values: dict[str, Any] | None) -> Recipe:
@@ -466,10 +523,12 @@ __all__ = [
     "EvalRecipe",
     "ModelRecipe",
     "Recipe",
+    "StageRecipe",
     "TrainRecipe",
     "apply_overrides",
     "load_recipe",
     "parse_override",
     "parse_yaml",
     "recipe_from_dict",
+    "stage_data",
 ]

@@ -17,7 +17,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..evaluation import TASK_NAME, TASK_TYPE, metric_display_name  # noqa: F401  (re-exported)
 from ..heads import MULTI_EMBEDDING_HEADS
-from .config import Recipe
+from .config import Recipe, stage_data
 
 #: The template shipped inside the package (``model_cards/template.md`` in the repository links here).
 DEFAULT_TEMPLATE = Path(__file__).resolve().with_name("model_card_template.md")
@@ -53,6 +53,36 @@ def results_table(metrics: dict[str, Any]) -> str:
     for name, cells in rows.items():
         fmt = [f"{cells[c]:.2f}" if c in cells else "" for c in ("i2t", "t2i", "all")]
         lines.append(f"| {metric_display_name(name)} | " + " | ".join(fmt) + " |")
+    return "\n".join(lines)
+
+
+def describe_stage_data(recipe: Recipe, index: int) -> str:
+    """``"shapes_web (num_images=4000, seed=1)"``: the dataset of stage ``index``, for logs and the card."""
+    data = stage_data(recipe, index)
+    details = [f"data_dir={data.data_dir}"] if data.data_dir else []
+    details += [f"{key}={value}" for key, value in data.options.items() if key != "cache_dir"]
+    return f"{data.name} ({', '.join(details)})" if details else data.name
+
+
+def _dataset_ids(recipe: Recipe) -> list[str]:
+    """Dataset names for the card's metadata: every stage's, then the evaluation data's (Hub ids for ``hub``)."""
+    sections = [stage_data(recipe, index) for index in range(len(recipe.stages))] + [recipe.data]
+    ids = [data.data_dir if data.name == "hub" and data.data_dir else data.name for data in sections]
+    return list(dict.fromkeys(ids))
+
+
+def stages_markdown(recipe: Recipe) -> str | None:
+    """A numbered list of the training stages (dataset, length, learning rate, frozen parts), or None."""
+    if not recipe.stages:
+        return None
+    lines = [f"Trained in {len(recipe.stages)} stages, in this order:", ""]
+    for index, stage in enumerate(recipe.stages):
+        length = f"{stage.steps} steps" if stage.steps is not None else f"{stage.epochs:g} epochs"
+        lr = recipe.train.lr if stage.lr is None else stage.lr
+        lines.append(
+            f"{index + 1}. **{stage.name or f'stage {index + 1}'}**: `{describe_stage_data(recipe, index)}`, {length}, "
+            f"learning rate {lr:g}, frozen: {', '.join(stage.frozen) or 'nothing'}."
+        )
     return "\n".join(lines)
 
 
@@ -112,7 +142,7 @@ def build_model_card(
         library_name="transformers",
         license="apache-2.0",
         tags=list(dict.fromkeys(tags)),
-        datasets=[recipe.data.name],
+        datasets=_dataset_ids(recipe),
         metrics=sorted({key.rpartition("/")[2].partition("_")[2] or key.rpartition("/")[2] for key in metrics}) or None,
         eval_results=eval_results or None,
         base_model=[m for m in (model.vision_tower, model.text_tower) if m and not Path(m).exists()] or None,
@@ -169,12 +199,13 @@ def build_model_card(
         eval_protocol=eval_protocol,
         results_table=results_table(metrics),
         training_summary=training_summary or default_summary,
+        training_stages=stages_markdown(recipe),
         recipe_yaml=recipe.to_yaml().rstrip(),
         input_limits=f"images are resized to {recipe.data.image_size} px and captions cut at "
         f"{model.max_caption_length} tokens",
         extra_limitations=(
             "Trained on synthetic shapes: a demonstration model, not for natural images."
-            if recipe.data.name == "shapes"
+            if recipe.data.name in ("shapes", "shapes_web")
             else None
         ),
     )

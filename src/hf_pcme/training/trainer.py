@@ -71,6 +71,7 @@ class Phase:
     steps: int
     frozen: list[str]
     lr: float
+    steps_per_epoch: int = 0
 
 
 @dataclass
@@ -128,8 +129,8 @@ def plan_phases(recipe: Recipe, steps_per_epoch: int) -> list[Phase]:
         lengths[0] = min(lengths[0], train.max_steps)
         lengths[1] = min(lengths[1], train.max_steps - lengths[0])
     return [
-        Phase(0, lengths[0], list(train.phase1_frozen), train.lr),
-        Phase(1, lengths[1], [], train.lr * train.phase2_lr_multiplier),
+        Phase(0, lengths[0], list(train.phase1_frozen), train.lr, steps_per_epoch),
+        Phase(1, lengths[1], [], train.lr * train.phase2_lr_multiplier, steps_per_epoch),
     ]
 
 
@@ -266,14 +267,7 @@ class Trainer:
             state = TrainerState.from_dict(read_checkpoint_state(resume_from))
             accelerator.print(f"Resuming from {resume_from} (step {state.global_step}, phase {state.phase + 1}).")
 
-        micro_batches = len(self._make_train_loader())
-        steps_per_epoch = micro_batches // train.grad_accum
-        if steps_per_epoch < 1:
-            raise ValueError(
-                f"One epoch has {micro_batches} global batches of {train.batch_size}, fewer than "
-                f"train.grad_accum={train.grad_accum}: lower the batch size or the accumulation."
-            )
-        phases = plan_phases(recipe, steps_per_epoch)
+        phases = self.plan_phases()
         total_steps = sum(p.steps for p in phases)
 
         accelerator.init_trackers(recipe.name, config=_flat_config(recipe.to_dict()))
@@ -300,7 +294,7 @@ class Trainer:
                     resume_from = None
                 else:
                     state.phase, state.phase_step = phase.index, 0
-                self._run_phase(phase, state, steps_per_epoch)
+                self._run_phase(phase, state, phase.steps_per_epoch)
                 self._save_checkpoint(state)  # phase boundaries are always resumable
             if resume_from is not None:
                 raise ValueError(
@@ -462,15 +456,37 @@ class Trainer:
         for tracker in self.accelerator.trackers:
             tracker.finish()
 
+    def _steps_per_epoch(self) -> int:
+        """Optimiser steps in one epoch of the current training data."""
+        train = self.recipe.train
+        micro_batches = len(self._make_train_loader())
+        steps_per_epoch = micro_batches // train.grad_accum
+        if steps_per_epoch < 1:
+            raise ValueError(
+                f"One epoch has {micro_batches} global batches of {train.batch_size}, fewer than "
+                f"train.grad_accum={train.grad_accum}: lower the batch size or the accumulation."
+            )
+        return steps_per_epoch
+
+    def plan_phases(self) -> list[Phase]:
+        """This run's phases with their lengths in optimiser steps (:func:`plan_phases`)."""
+        return plan_phases(self.recipe, self._steps_per_epoch())
+
     def _phase_lengths(self) -> list[int]:
-        steps_per_epoch = len(self._make_train_loader()) // self.recipe.train.grad_accum
-        return [p.steps for p in plan_phases(self.recipe, steps_per_epoch)]
+        return [p.steps for p in self.plan_phases()]
 
 
 def train(
     recipe: Recipe, resume: bool = False, push_to_hub: str | None = None, accelerator: Accelerator | None = None
 ) -> TrainResult:
-    """Train the model a recipe describes; see the module docstring. ``resume`` continues the latest checkpoint."""
+    """Train the model a recipe describes; see the module docstring. ``resume`` continues the latest checkpoint.
+
+    A recipe with ``stages`` runs them in order (:class:`~hf_pcme.training.stages.StagedTrainer`).
+    """
+    if recipe.stages:
+        from .stages import StagedTrainer
+
+        return StagedTrainer(recipe, accelerator).train(resume=resume, push_to_hub=push_to_hub)
     return Trainer(recipe, accelerator).train(resume=resume, push_to_hub=push_to_hub)
 
 
