@@ -106,8 +106,9 @@ def page(served, browser):
 
 
 def rendered_results(driver) -> list:
+    """The result elements, once the answer arrived (query info and results come in one update)."""
     WebDriverWait(driver, WAIT_S).until(
-        lambda d: d.find_elements(By.CSS_SELECTOR, "#results .pcme-result") or d.find_elements(By.CSS_SELECTOR, ".pcme-error")
+        lambda d: d.find_elements(By.CSS_SELECTOR, "#query-info .pcme-query, #query-info .pcme-error")
     )
     return driver.find_elements(By.CSS_SELECTOR, "#results .pcme-result")
 
