@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
 import hf_pcme  # noqa: F401  (registers "pcme" with Auto* and the pipeline)
@@ -405,8 +404,14 @@ class DemoBackend:
             raise DemoInputError("The caption is empty: type what you are looking for, e.g. 'a red circle'.")
         caption = caption.strip()
         gallery = gallery or self.gallery
-        tokens, weights = self._word_attention(caption)
-        output = self.retriever(texts=caption, corpus=gallery.image_index, top_k=_top_k(top_k, len(gallery)))
+        tokens, keep = self._caption_tokens(caption)
+        output = self.retriever(
+            texts=caption, corpus=gallery.image_index, top_k=_top_k(top_k, len(gallery)), return_attention=True
+        )
+        word_attention = None
+        if output.get("attention") is not None:  # (K, L) over the tokens: mean of the K maps
+            weights = output["attention"].mean(axis=0).tolist()
+            word_attention = [(token, weights[i]) for i, token in zip(keep, tokens)]
         percentile = _percentile(gallery.caption_uncertainty_sorted, output["query_uncertainty"])
         return QueryAnswer(
             query_modality="text",
@@ -415,7 +420,7 @@ class DemoBackend:
             query_uncertainty=output["query_uncertainty"],
             query_uncertainty_percentile=percentile,
             explanation=explain_uncertainty(output["query_uncertainty"], "text", percentile, self.analysis),
-            word_attention=list(zip(tokens, weights)) if tokens else None,
+            word_attention=word_attention,
             seconds=time.perf_counter() - started,
             gallery_name=gallery.name,
         )
@@ -460,31 +465,23 @@ class DemoBackend:
             )
         return items
 
-    def _word_attention(self, caption: str) -> tuple[list[str], list[float]]:
-        """The caption's tokens and the text head's attention on each (mean over its K maps).
+    def _caption_tokens(self, caption: str) -> tuple[list[str], list[int]]:
+        """The caption's tokens as the model reads them, and their positions (special tokens left out).
 
         Raises :class:`DemoInputError` when no word of the caption is in the model's vocabulary.
         """
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
-        inputs = tokenizer(caption, truncation=True, return_tensors="pt")
-        ids = inputs["input_ids"][0].tolist()
+        ids = tokenizer(caption, truncation=True)["input_ids"]
         unknown = tokenizer.unk_token_id
         special = set(tokenizer.all_special_ids) - {unknown}
-        content = [i for i in ids if i not in special]
-        if unknown is not None and content and all(i == unknown for i in content):
+        keep = [position for position, token_id in enumerate(ids) if token_id not in special]
+        if unknown is not None and keep and all(ids[position] == unknown for position in keep):
             raise DemoInputError(
                 f"None of the words of {caption!r} is in this model's vocabulary, so it cannot be searched: "
                 "use words from its training captions (e.g. shapes, colours, sizes, positions)."
             )
-        with torch.no_grad():
-            embedding = self.model.get_text_features(
-                input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), num_samples=0
-            )
-        if embedding.attention is None:
-            return [], []
-        weights = embedding.attention[0].float().mean(0).tolist()
         tokens = tokenizer.convert_ids_to_tokens(ids)
-        return [t for t, i in zip(tokens, ids) if i not in special], [w for w, i in zip(weights, ids) if i not in special]
+        return [tokens[position] for position in keep], keep
 
 
 def _top_k(top_k: Any, size: int) -> int:
