@@ -306,6 +306,15 @@ def test_image_queries_return_attention_and_heatmap(csd_model, processor):
     assert "attention" not in retriever(images=image, corpus=CAPTIONS, top_k=2)
 
 
+def test_caption_queries_return_their_token_attention(csd_model, processor):
+    retriever = make_retriever(csd_model, processor)
+    output = retriever(texts=CAPTIONS[1], corpus=noise_images(2), top_k=1, return_attention=True)
+    expected = embed(csd_model, processor, texts=[CAPTIONS[1]]).attention[0]
+    assert output["attention"].shape == (1, 4)  # one head over the 4 words
+    np.testing.assert_allclose(output["attention"], expected.numpy(), rtol=1e-5)
+    assert "attention_heatmap" not in output
+
+
 def test_image_items_carry_their_attention(csd_model, processor):
     corpus = noise_images(3, seed=7)
     retriever = make_retriever(csd_model, processor)

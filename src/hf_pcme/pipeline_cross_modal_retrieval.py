@@ -13,8 +13,9 @@ retriever.set_index(other_index)                                 # hot swap, mod
 Each query returns its ranked items (id, text for captions, ``score`` of the index metric,
 ``distance`` for CSD, ``match_probability`` from the model, the item's ``uncertainty``) and its own
 ``query_uncertainty`` (mean over D of sigma^2; ``None`` for point embeddings). With
-``return_attention=True`` image queries (and image items) also carry the attention maps of the
-pooling head, and image queries a heatmap of it drawn over the image.
+``return_attention=True`` queries (and image items) also carry the attention maps of the pooling
+head (for captions: over the tokens, padding weighted 0), and image queries a heatmap of it drawn
+over the image.
 
 This file is shipped as remote code with pushed models: it only imports flat sibling modules.
 """
@@ -413,9 +414,10 @@ class CrossModalRetrievalPipeline(Pipeline):
                 "results": results,
             }
             attention = model_outputs["attention"]
-            if return_attention and attention is not None and model_outputs["modality"] == "image":
+            if return_attention and attention is not None:
                 output["attention"] = attention[q].float().numpy()
-                output["attention_heatmap"] = attention_heatmap(model_outputs["images"][q], attention[q])
+                if model_outputs["modality"] == "image":
+                    output["attention_heatmap"] = attention_heatmap(model_outputs["images"][q], attention[q])
             outputs.append(output)
         return outputs
 
