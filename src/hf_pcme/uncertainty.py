@@ -562,6 +562,11 @@ def compute_uncertainty_report(
     Calibration uses the model's match probability on every pair of the split up to
     ``max_calibration_pairs``, else on a seeded random sub-grid of images x captions, against the
     exact plausibility (shapes), the same class (CUB) or the ground-truth pairs (COCO).
+
+    Reading it on shapes: R@1 and R-Precision count only a caption's *own* image, which a vague
+    caption ("some shapes") cannot single out among its hundreds of plausible images; their t2i
+    values per bin therefore follow vagueness as much as quality. PMRP counts every plausible
+    image and is the per-bin metric that separates the two.
     """
     num_bins = _check_num_bins(num_bins)
     calibration_bins = _check_num_bins(calibration_bins, "calibration_bins")
