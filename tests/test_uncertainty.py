@@ -400,3 +400,19 @@ def test_report_without_plausibility_calibrates_against_pairs_or_classes(kind):
     assert report.calibration.num_positive == same.sum()
     assert not report.vagueness and not report.levels and set(report.binned) == {"i2t", "t2i"}
     assert report.metrics["i2t_pmrp"] == pytest.approx(100 * np.nanmean(report.arrays["i2t_pmrp"]))
+
+
+def test_per_query_values_do_not_depend_on_chunks_folds_or_caption_order(monkeypatch):
+    from hf_pcme.metrics import evaluate_retrieval, retrieval
+
+    scores, text_to_image, plausible = _tiny_retrieval_case(2)
+    reference = {}
+    evaluate_retrieval(text_to_image=text_to_image, scores=scores, plausibility=plausible, per_query=reference)
+    monkeypatch.setattr(retrieval, "SUB_BLOCK_ELEMENTS", 2 * scores.shape[1])  # several pieces per chunk
+    chunked = {}
+    means = evaluate_retrieval(text_to_image=text_to_image, scores=scores, plausibility=plausible, per_query=chunked,
+                               chunk_size=4, protocol="coco", fold_size=3, num_workers=2)
+    assert set(chunked) == set(reference)
+    for name in reference:
+        np.testing.assert_array_equal(chunked[name], reference[name])
+        assert means[name] == pytest.approx(100 * np.nanmean(chunked[name]))

@@ -562,6 +562,11 @@ def compute_uncertainty_report(
     Calibration uses the model's match probability on every pair of the split up to
     ``max_calibration_pairs``, else on a seeded random sub-grid of images x captions, against the
     exact plausibility (shapes), the same class (CUB) or the ground-truth pairs (COCO).
+
+    Reading it on shapes: R@1 and R-Precision count only a caption's *own* image, which a vague
+    caption ("some shapes") cannot single out among its hundreds of plausible images; their t2i
+    values per bin therefore follow vagueness as much as quality. PMRP counts every plausible
+    image and is the per-bin metric that separates the two.
     """
     num_bins = _check_num_bins(num_bins)
     calibration_bins = _check_num_bins(calibration_bins, "calibration_bins")
@@ -625,17 +630,32 @@ def compute_uncertainty_report(
     )  # fmt: skip
 
 
-def write_uncertainty_report(output_dir: str | Path, model: Any, view: Any, image_embeds: Any, text_embeds: Any,
-                             **options: Any) -> UncertaintyReport:
+def write_uncertainty_report(
+    output_dir: str | Path,
+    model: Any,
+    view: Any,
+    image_embeds: Any,
+    text_embeds: Any,
+    *,
+    scorer: str,
+    name: str = "model",
+    num_bins: int = 10,
+    calibration_bins: int = 10,
+    max_calibration_pairs: int = MAX_CALIBRATION_PAIRS,
+    seed: int = 0,
+) -> UncertaintyReport:
     """:func:`compute_uncertainty_report`, then ``uncertainty_report.json`` and PNG plots in ``output_dir``.
 
     Plots: ``uncertainty_vs_vagueness.png`` (captions; shapes only), ``uncertainty_binned_metrics.png``
-    and ``reliability_diagram.png``. ``options`` are those of :func:`compute_uncertainty_report`
-    (``scorer`` is required). Returns the report (its ``plots`` filled).
+    and ``reliability_diagram.png``. The arguments are those of :func:`compute_uncertainty_report`.
+    Returns the report (its ``plots`` filled).
     """
     from .uncertainty_plots import plot_binned_metrics, plot_reliability_diagram, plot_uncertainty_vs_vagueness
 
-    report = compute_uncertainty_report(model, view, image_embeds, text_embeds, **options)
+    report = compute_uncertainty_report(
+        model, view, image_embeds, text_embeds, scorer=scorer, name=name, num_bins=num_bins,
+        calibration_bins=calibration_bins, max_calibration_pairs=max_calibration_pairs, seed=seed,
+    )
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     arrays = report.arrays

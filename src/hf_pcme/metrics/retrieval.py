@@ -591,7 +591,7 @@ def evaluate_retrieval(
             ``i2t_pmrp_zeta0``, ``t2i_pmrp`` = mean over ``zetas``, ...), each a float64 array of
             ``(num_images,)`` (i2t) or ``(num_texts,)`` (t2i) in the caller's order, as fractions
             in [0, 1] (not percent), NaN where the query is not scored (no relevant item). The mean
-            of the non-NaN entries / 100 is the returned value (PMRP: per zeta).
+            of the non-NaN entries, times 100, is the returned value (PMRP: per zeta).
 
     Returns:
         A flat dict of floats in percent: ``i2t_R@1``, ..., ``rsum``, ``i2t_r_precision``,
