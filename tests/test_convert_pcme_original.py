@@ -251,6 +251,7 @@ def test_saved_folder_loads_with_from_pretrained_processor_and_pipeline(converte
     names = {p.name for p in folder.iterdir()}
     assert {"model.safetensors", "config.json", "tokenizer.json", "README.md"} <= names
     assert not any(name.endswith((".pkl", ".pth", ".bin")) for name in names)
+    assert {"text_encoder_pcme_original.py", "configuration_pcme_original_text.py"} <= names  # remote code
     model = AutoModel.from_pretrained(folder).eval()
     processor = AutoProcessor.from_pretrained(folder)
     images, ids, mask = inputs()
