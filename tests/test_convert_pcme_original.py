@@ -371,3 +371,29 @@ def test_cub_config_sets_its_loss_and_match_parameters(original):
     config = convert_checkpoint(checkpoint_dict(original, config=cub, criterion={})).model.config
     assert config.loss_kwargs == {"vib_beta": 0.001, "uniformity_weight": 10.0}
     assert (config.init_negative_scale, config.init_shift) == (5.0, 5.0)
+
+
+def test_samples_and_match_probabilities_are_the_originals(original, converted):
+    """Same noise: samples mean + exp(logsigma) eps, and the original's p = mean_jj' e^s / (e^s + e^-s),
+    s = -a sqrt(||z_v - z_t||^2 + 1e-6) + b."""
+    images, ids, mask = inputs()
+    model, j = converted.model, 7
+    with torch.no_grad():
+        mean_v, logsigma_v = original.img_enc(images)
+        mean_t, logsigma_t = original.txt_enc(ids, mask.sum(1))
+        image = model.get_image_features(images, num_samples=j, generator=torch.Generator().manual_seed(5))
+        text = model.get_text_features(ids, mask, num_samples=j, generator=torch.Generator().manual_seed(6))
+        ours = model.pairwise_logits(image, text)  # log p
+    eps_v = torch.randn((3, j, D), generator=torch.Generator().manual_seed(5))
+    eps_t = torch.randn((3, j, D), generator=torch.Generator().manual_seed(6))
+    samples_v = mean_v.unsqueeze(1) + torch.exp(logsigma_v).unsqueeze(1) * eps_v
+    samples_t = mean_t.unsqueeze(1) + torch.exp(logsigma_t).unsqueeze(1) * eps_t
+    torch.testing.assert_close(image.samples, samples_v, rtol=1e-5, atol=1e-5)
+    expected = torch.empty(3, 3)
+    for v in range(3):
+        for t in range(3):
+            distance = torch.sqrt(((samples_v[v].unsqueeze(1) - samples_t[t].unsqueeze(0)) ** 2).sum(-1) + 1e-6)
+            logit = -7.5 * distance + 3.25
+            expected[v, t] = (torch.exp(logit) / (torch.exp(logit) + torch.exp(-logit))).mean()
+    torch.testing.assert_close(ours, torch.log(expected), rtol=1e-5, atol=1e-4)
+    assert float(ours.max() - ours.min()) > 1.0  # the pairs differ
