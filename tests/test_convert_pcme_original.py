@@ -321,6 +321,14 @@ def test_shape_mismatch_names_both_tensors(original):
     with pytest.raises(ConversionError, match=r"img_enc\.cnn\.layer2\.0\.conv2\.weight.*\(4, 4, 1, 1\).*"
                                               r"vision_model\.encoder\.stages\.1\.layers\.0\.layer\.1\.convolution\.weight"):
         convert_checkpoint(checkpoint_dict(original, model=state))
+    state = dict(original.state_dict())
+    state["txt_enc.pie_net.fc.bias"] = torch.zeros(D + 1)
+    with pytest.raises(ConversionError, match=r"txt_enc\.pie_net\.fc\.bias.*\(17,\).*text_head\.mean_branch\.local_proj\.bias"):
+        convert_checkpoint(checkpoint_dict(original, model=state))
+    state = dict(original.state_dict())
+    state["img_enc.uncertain_net.fc2.bias"] = torch.zeros(D + 1)
+    with pytest.raises(ConversionError, match=r"img_enc\.uncertain_net\.fc\.bias \(16,\), img_enc\.uncertain_net\.fc2\.bias \(17,\)"):
+        convert_checkpoint(checkpoint_dict(original, model=state))
 
 
 def test_vocabulary_that_does_not_fit_the_embedding_matrix_is_rejected(original, tmp_path):
