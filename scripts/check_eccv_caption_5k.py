@@ -1,8 +1,9 @@
 """Check protocol="eccv_caption" against the eccv_caption package on the full COCO 5K test ids.
 
-    python scripts/check_eccv_caption_5k.py [--seed 0]
+    python scripts/check_eccv_caption_5k.py [--seed 0] [--signal 3]
 
-Random scores (5,000 images x 25,000 captions, the package's own test ids); our chunked ranking vs
+Scores = N(0, 1) noise + ``--signal`` on the COCO pairs (so the numbers are far from 0 and 100),
+5,000 images x 25,000 captions (the package's own test ids); our chunked ranking vs
 the package's ``Metrics`` on the same scores (its ranked lists cut to the top 64, more than any
 query's number of ECCV positives, 48, so its numbers are unchanged). Prints both and the largest
 difference. The metric README quotes the output.
@@ -31,6 +32,7 @@ def top_ids(scores: np.ndarray, ids: np.ndarray) -> dict[int, list[int]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--signal", type=float, default=3.0, help="added to the scores of the COCO pairs")
     args = parser.parse_args()
     import eccv_caption
 
@@ -40,6 +42,7 @@ def main() -> None:
     row = {int(i): r for r, i in enumerate(image_ids)}
     text_to_image = np.array([row[caption_image[int(t)][0]] for t in text_ids])
     scores = np.random.default_rng(args.seed).standard_normal((len(image_ids), len(text_ids)), dtype=np.float32)
+    scores[text_to_image, np.arange(len(text_ids))] += np.float32(args.signal)
 
     start = time.perf_counter()
     ours = evaluate_retrieval(scores=scores, text_to_image=text_to_image, image_ids=image_ids, text_ids=text_ids,

@@ -251,6 +251,7 @@ def test_saved_folder_loads_with_from_pretrained_processor_and_pipeline(converte
     names = {p.name for p in folder.iterdir()}
     assert {"model.safetensors", "config.json", "tokenizer.json", "README.md"} <= names
     assert not any(name.endswith((".pkl", ".pth", ".bin")) for name in names)
+    assert {"text_encoder_pcme_original.py", "configuration_pcme_original_text.py"} <= names  # remote code
     model = AutoModel.from_pretrained(folder).eval()
     processor = AutoProcessor.from_pretrained(folder)
     images, ids, mask = inputs()
@@ -320,6 +321,14 @@ def test_shape_mismatch_names_both_tensors(original):
     with pytest.raises(ConversionError, match=r"img_enc\.cnn\.layer2\.0\.conv2\.weight.*\(4, 4, 1, 1\).*"
                                               r"vision_model\.encoder\.stages\.1\.layers\.0\.layer\.1\.convolution\.weight"):
         convert_checkpoint(checkpoint_dict(original, model=state))
+    state = dict(original.state_dict())
+    state["txt_enc.pie_net.fc.bias"] = torch.zeros(D + 1)
+    with pytest.raises(ConversionError, match=r"txt_enc\.pie_net\.fc\.bias.*\(17,\).*text_head\.mean_branch\.local_proj\.bias"):
+        convert_checkpoint(checkpoint_dict(original, model=state))
+    state = dict(original.state_dict())
+    state["img_enc.uncertain_net.fc2.bias"] = torch.zeros(D + 1)
+    with pytest.raises(ConversionError, match=r"img_enc\.uncertain_net\.fc\.bias \(16,\), img_enc\.uncertain_net\.fc2\.bias \(17,\)"):
+        convert_checkpoint(checkpoint_dict(original, model=state))
 
 
 def test_vocabulary_that_does_not_fit_the_embedding_matrix_is_rejected(original, tmp_path):
@@ -370,3 +379,29 @@ def test_cub_config_sets_its_loss_and_match_parameters(original):
     config = convert_checkpoint(checkpoint_dict(original, config=cub, criterion={})).model.config
     assert config.loss_kwargs == {"vib_beta": 0.001, "uniformity_weight": 10.0}
     assert (config.init_negative_scale, config.init_shift) == (5.0, 5.0)
+
+
+def test_samples_and_match_probabilities_are_the_originals(original, converted):
+    """Same noise: samples mean + exp(logsigma) eps, and the original's p = mean_jj' e^s / (e^s + e^-s),
+    s = -a sqrt(||z_v - z_t||^2 + 1e-6) + b."""
+    images, ids, mask = inputs()
+    model, j = converted.model, 7
+    with torch.no_grad():
+        mean_v, logsigma_v = original.img_enc(images)
+        mean_t, logsigma_t = original.txt_enc(ids, mask.sum(1))
+        image = model.get_image_features(images, num_samples=j, generator=torch.Generator().manual_seed(5))
+        text = model.get_text_features(ids, mask, num_samples=j, generator=torch.Generator().manual_seed(6))
+        ours = model.pairwise_logits(image, text)  # log p
+    eps_v = torch.randn((3, j, D), generator=torch.Generator().manual_seed(5))
+    eps_t = torch.randn((3, j, D), generator=torch.Generator().manual_seed(6))
+    samples_v = mean_v.unsqueeze(1) + torch.exp(logsigma_v).unsqueeze(1) * eps_v
+    samples_t = mean_t.unsqueeze(1) + torch.exp(logsigma_t).unsqueeze(1) * eps_t
+    torch.testing.assert_close(image.samples, samples_v, rtol=1e-5, atol=1e-5)
+    expected = torch.empty(3, 3)
+    for v in range(3):
+        for t in range(3):
+            distance = torch.sqrt(((samples_v[v].unsqueeze(1) - samples_t[t].unsqueeze(0)) ** 2).sum(-1) + 1e-6)
+            logit = -7.5 * distance + 3.25
+            expected[v, t] = (torch.exp(logit) / (torch.exp(logit) + torch.exp(-logit))).mean()
+    torch.testing.assert_close(ours, torch.log(expected), rtol=1e-5, atol=1e-4)
+    assert float(ours.max() - ours.min()) > 1.0  # the pairs differ

@@ -295,13 +295,17 @@ def _resnet_key(key: str) -> str | None:
     return None
 
 
-def convert_state_dict(state: Mapping[str, torch.Tensor], arch: OriginalArchitecture) -> dict[str, torch.Tensor]:
-    """Original state dict -> ``PCMEModel`` state dict (without ``negative_scale`` / ``shift``).
+def convert_state_dict(
+    state: Mapping[str, torch.Tensor], arch: OriginalArchitecture
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Original state dict -> (``PCMEModel`` tensors without ``negative_scale`` / ``shift``, their sources).
 
+    ``sources`` maps each new key to the original key(s) it comes from (for error messages).
     Raises :class:`ConversionError` naming any original key that nothing maps.
     """
     state = _strip_prefix(state)
     out: dict[str, torch.Tensor] = {}
+    sources: dict[str, str] = {}
     used: set[str] = set()
 
     def take(key: str) -> torch.Tensor:
@@ -310,52 +314,64 @@ def convert_state_dict(state: Mapping[str, torch.Tensor], arch: OriginalArchitec
         used.add(key)
         return state[key].detach().float() if state[key].is_floating_point() else state[key].detach()
 
-    for key in state:
+    def put(target: str, *keys: str, combine=lambda *tensors: tensors[0]) -> None:
+        tensors = [take(key) for key in keys]
+        if any(t.shape != tensors[0].shape for t in tensors):
+            shapes = ", ".join(f"{key} {tuple(t.shape)}" for key, t in zip(keys, tensors))
+            raise ConversionError(f"Shape mismatch: {shapes} are added into {target} and must have one shape.")
+        out[target] = combine(*tensors)
+        sources[target] = " + ".join(keys)
+
+    def double_sum(*tensors: torch.Tensor) -> torch.Tensor:
+        # log_sigma2 = 2 * logsigma: doubling weights and biases is exact in binary floating point
+        return 2 * sum(tensors[1:], tensors[0])
+
+    for key in list(state):
         if key.startswith("img_enc.cnn."):
             target = _resnet_key(key[len("img_enc.cnn."):])
             if target is not None:
-                out["vision_model." + target] = take(key)
+                put("vision_model." + target, key)
     for side, head in (("img_enc", "image_head"), ("txt_enc", "text_head")):
         pie, unc = f"{side}.pie_net", f"{side}.uncertain_net"
-        mean = f"{head}.mean_branch"
-        out[f"{mean}.attention.w1.weight"] = take(f"{pie}.attention.w_1.weight")
-        out[f"{mean}.attention.w2.weight"] = take(f"{pie}.attention.w_2.weight")
-        out[f"{mean}.local_proj.weight"] = take(f"{pie}.fc.weight")
-        out[f"{mean}.local_proj.bias"] = take(f"{pie}.fc.bias")
-        out[f"{mean}.layer_norm.weight"] = take(f"{pie}.layer_norm.weight")
-        out[f"{mean}.layer_norm.bias"] = take(f"{pie}.layer_norm.bias")
-        branch = f"{head}.uncertainty_branch"
-        out[f"{branch}.attention.w1.weight"] = take(f"{unc}.attention.w_1.weight")
-        out[f"{branch}.attention.w2.weight"] = take(f"{unc}.attention.w_2.weight")
-        # log_sigma2 = 2 * logsigma: doubling weights and biases is exact in binary floating point
-        out[f"{branch}.local_proj.weight"] = 2 * take(f"{unc}.fc.weight")
-    d = arch.embed_dim
+        mean, branch = f"{head}.mean_branch", f"{head}.uncertainty_branch"
+        put(f"{mean}.attention.w1.weight", f"{pie}.attention.w_1.weight")
+        put(f"{mean}.attention.w2.weight", f"{pie}.attention.w_2.weight")
+        put(f"{mean}.local_proj.weight", f"{pie}.fc.weight")
+        put(f"{mean}.local_proj.bias", f"{pie}.fc.bias")
+        put(f"{mean}.layer_norm.weight", f"{pie}.layer_norm.weight")
+        put(f"{mean}.layer_norm.bias", f"{pie}.layer_norm.bias")
+        put(f"{branch}.attention.w1.weight", f"{unc}.attention.w_1.weight")
+        put(f"{branch}.attention.w2.weight", f"{unc}.attention.w_2.weight")
+        put(f"{branch}.local_proj.weight", f"{unc}.fc.weight", combine=double_sum)
     # image: g = fc(avgpool) for the mean; the uncertainty adds fc2(avgpool)
-    out["image_head.mean_branch.global_proj.weight"] = take("img_enc.fc.weight")
-    out["image_head.mean_branch.global_proj.bias"] = take("img_enc.fc.bias")
-    out["image_head.uncertainty_branch.global_proj.weight"] = 2 * take("img_enc.uncertain_net.fc2.weight")
-    out["image_head.uncertainty_branch.bias"] = 2 * (
-        take("img_enc.uncertain_net.fc.bias") + take("img_enc.uncertain_net.fc2.bias")
-    )
+    put("image_head.mean_branch.global_proj.weight", "img_enc.fc.weight")
+    put("image_head.mean_branch.global_proj.bias", "img_enc.fc.bias")
+    put("image_head.uncertainty_branch.global_proj.weight", "img_enc.uncertain_net.fc2.weight", combine=double_sum)
+    put("image_head.uncertainty_branch.bias", "img_enc.uncertain_net.fc.bias", "img_enc.uncertain_net.fc2.bias",
+        combine=double_sum)  # fmt: skip
     # text: the tower's global feature is [sentence GRU, uncertainty GRU] (2D); the mean reads the first
-    # half unprojected, log_sigma2 twice the second half
+    # half unprojected, log_sigma2 twice the second half (identity blocks: exact)
+    d = arch.embed_dim
     eye, zeros = torch.eye(d), torch.zeros(d, d)
     out["text_head.mean_branch.global_proj.weight"] = torch.cat([eye, zeros], dim=1)
     out["text_head.mean_branch.global_proj.bias"] = torch.zeros(d)
     out["text_head.uncertainty_branch.global_proj.weight"] = torch.cat([zeros, 2 * eye], dim=1)
-    out["text_head.uncertainty_branch.bias"] = 2 * take("txt_enc.uncertain_net.fc.bias")
-    out["text_model.word_embeddings.weight"] = take("txt_enc.embed.weight")
+    for key in ("text_head.mean_branch.global_proj.weight", "text_head.mean_branch.global_proj.bias",
+                "text_head.uncertainty_branch.global_proj.weight"):  # fmt: skip
+        sources[key] = f"identity blocks of size img_enc.fc.weight.shape[0] = {d}"
+    put("text_head.uncertainty_branch.bias", "txt_enc.uncertain_net.fc.bias", combine=double_sum)
+    put("text_model.word_embeddings.weight", "txt_enc.embed.weight")
     for source, target in (("txt_enc.rnn", "text_model.gru"), ("txt_enc.uncertain_net.rnn", "text_model.uncertainty_gru")):
         for name in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"):
             for suffix in ("", "_reverse"):
-                out[f"{target}.{name}{suffix}"] = take(f"{source}.{name}{suffix}")
-    unmapped = sorted(set(state) - used - {k for k in state if k.startswith("img_enc.cnn.") and _resnet_key(k[12:])})
+                put(f"{target}.{name}{suffix}", f"{source}.{name}{suffix}")
+    unmapped = sorted(set(state) - used)
     if unmapped:
         raise ConversionError(
             f"{len(unmapped)} tensors of the checkpoint are not mapped to the converted model: {unmapped[:8]}. "
             "It is not an original PCME checkpoint, or a variant this converter does not know."
         )
-    return out
+    return out, sources
 
 
 def load_into_model(model: torch.nn.Module, converted: Mapping[str, torch.Tensor], source_of: Mapping[str, str]) -> None:
@@ -375,17 +391,6 @@ def load_into_model(model: torch.nn.Module, converted: Mapping[str, torch.Tensor
                 f"but {key} of PCMEModel has {tuple(target[key].shape)}."
             )
     model.load_state_dict({**target, **converted}, strict=True)
-
-
-def _sources(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
-    """Converted key -> original key (for error messages), for the keys with a one-to-one source."""
-    sources = {}
-    for key in state:
-        if key.startswith("img_enc.cnn."):
-            target = _resnet_key(key[len("img_enc.cnn."):])
-            if target:
-                sources["vision_model." + target] = key
-    return sources
 
 
 # ---------------------------------------------------------------------------- tokenizer, processor, card
@@ -513,8 +518,8 @@ def convert_checkpoint(
     criterion_state = data.get("criterion") or {}
     pcme_config = build_config(arch, original, criterion_state)
     model = PCMEModel(pcme_config).eval()
-    converted = convert_state_dict(state, arch)
-    load_into_model(model, converted, _sources(state))
+    converted, sources = convert_state_dict(state, arch)
+    load_into_model(model, converted, sources)
     processor = PCMEProcessor(image_processor=build_image_processor(), tokenizer=build_tokenizer(word2idx))
     return ConversionResult(model=model, processor=processor, word2idx=word2idx, architecture=arch,
                             num_tensors=len(state))  # fmt: skip
