@@ -24,6 +24,7 @@ TASK_TYPE = "cross-modal-retrieval"
 TASK_NAME = "Cross-modal retrieval"
 
 _DATASET_NAMES = {"coco": "MS-COCO (Karpathy split)", "cub": "CUB-200-2011 captions", "shapes": "Synthetic shapes"}
+_DATASET_NAMES.update({"flickr30k": "Flickr30K (Karpathy split)", "shapes_web": "Synthetic shapes with noisy tags"})
 
 
 _METRIC_NAMES = {"map_at_r": "MAP@R", "r_precision": "R-Precision", "pmrp": "PMRP", "rsum": "RSUM"}
