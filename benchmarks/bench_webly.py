@@ -9,14 +9,14 @@ evaluated on the shapes **test** split (500 images, 2,500 captions, never seen i
 Prints every run, the mean over seeds, and the difference two-stage minus clean-only with its
 sign, whatever it is.
 
-Sizes (default ``--size small``, what fits a shared 2-core CPU in about half an hour): 32-pixel
+Sizes (default ``--size small``, about 2 minutes on the shared 2-core CPU): 32-pixel
 images, batch 32; stage 1 on 1,000 web images for 2 epochs (62 steps), stage 2 on 100 clean
 images x 5 captions for 6 epochs (90 steps); test on 200 images / 1,000 captions.
 ``--size recipe`` uses the sizes of ``configs/shapes_webly.yaml`` (4,000 web / 400 clean images,
 64 pixels, batch 64; the full 500-image test split).
 
     python benchmarks/bench_webly.py                  # small sizes
-    python benchmarks/bench_webly.py --size recipe    # the recipe's sizes (hours on a shared CPU)
+    python benchmarks/bench_webly.py --size recipe    # the recipe's sizes (about 12 minutes)
     python benchmarks/bench_webly.py --quick          # tiny sizes: checks that it runs, numbers mean nothing
 """
 
