@@ -310,3 +310,22 @@ def test_flickr30k_missing_image_and_bad_json(tmp_path):
         load_flickr30k(root, cache_dir=tmp_path / "cache")
     with pytest.raises(FileNotFoundError, match="dataset_flickr30k.json"):
         load_flickr30k(tmp_path, cache_dir=tmp_path / "cache")
+
+
+def test_hub_missing_image_path_and_empty_caption(tmp_path, caplog):
+    images = tmp_path / "imgs"
+    write_png(images / "here.png", 1)
+    rows = datasets.Dataset.from_dict({"file": ["gone.png", "here.png"], "text": [["fine"], ["ok", ""]]})
+    path = tmp_path / "rows"
+    rows.save_to_disk(str(path))
+    cache = tmp_path / "cache"
+    with pytest.raises(FileNotFoundError, match=r"gone\.png"):
+        load_hub(path, image_column="file", caption_column="text", image_dir=images, cache_dir=cache)
+    with pytest.raises(ValueError, match=r"row 1 \(.*here\.png\) has an empty caption in column 'text'"):
+        load_hub(path, image_column="file", caption_column="text", image_dir=images, cache_dir=cache,
+                 missing_images="skip")
+    assert arrow_files_of_caption_rows(cache) == []
+    with caplog.at_level(logging.WARNING, logger="hf_pcme.data"):
+        train = load_hub(path, image_column="file", caption_column="text", image_dir=images, cache_dir=cache,
+                         missing_images="skip", empty_captions="skip", split="train")
+    assert train["caption"] == ["ok"] and "Skipped 1 image" in caplog.text and "Dropped 1 empty caption" in caplog.text

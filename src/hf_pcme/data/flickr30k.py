@@ -102,7 +102,8 @@ def load_flickr30k(
     )
 
     def sources() -> dict[str, datasets.Dataset]:
-        return {name: datasets.Dataset.from_dict(columns) for name, columns in _read_karpathy(karpathy).items()}
+        splits = _read_karpathy(karpathy)
+        return {name: datasets.Dataset.from_dict(columns) for name, columns in splits.items() if columns["file"]}
 
     return build_caption_rows(
         sources, spec, source_name=str(karpathy), source_signature=file_signature([karpathy]) + str(images),

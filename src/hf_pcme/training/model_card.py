@@ -23,6 +23,7 @@ from .config import Recipe, stage_data
 DEFAULT_TEMPLATE = Path(__file__).resolve().with_name("model_card_template.md")
 
 _DATASET_NAMES = {"coco": "MS-COCO (Karpathy split)", "cub": "CUB-200-2011 captions", "shapes": "Synthetic shapes"}
+_DATASET_NAMES.update({"flickr30k": "Flickr30K (Karpathy split)", "shapes_web": "Synthetic shapes with noisy tags"})
 
 
 def _numeric(metrics: dict[str, Any]) -> dict[str, float]:

@@ -15,7 +15,8 @@ killed in any stage resumes where it stopped and ends with the weights of an uni
 What differs from two-phase training:
 
 - every stage has its own training split (loaded, turned into rows and pixel-cached once, in
-  ``setup``); the top-level ``data`` section names the evaluation split;
+  ``setup``, and kept in memory for the whole run); the top-level ``data`` section names the
+  evaluation split;
 - the built-in bi-GRU's word-level vocabulary is built from the texts of **all** stages (tags and
   captions), in stage order, so no stage meets unknown words because of another;
 - ``train.phase*`` keys are not used; ``train.max_steps`` still caps the total.

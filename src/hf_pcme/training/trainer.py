@@ -256,7 +256,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ loop
     def train(self, resume: bool = False, push_to_hub: str | None = None) -> TrainResult:
-        recipe, accelerator, train = self.recipe, self.accelerator, self.recipe.train
+        recipe, accelerator = self.recipe, self.accelerator
         if self.model is None:
             self.setup()
         state = TrainerState()
