@@ -205,9 +205,9 @@ def build_demo(
                     query_info = gr.HTML(elem_id="query-info")
                     results = gr.HTML(elem_id="results")
             outputs = [query_info, heatmap, results]
-            caption_button.click(search_caption, [caption, k, gallery_state], outputs)
-            caption.submit(search_caption, [caption, k, gallery_state], outputs)
-            image_button.click(search_image, [upload, k, gallery_state], outputs)
+            caption_button.click(search_caption, [caption, k, gallery_state], outputs, api_name="search_caption")
+            caption.submit(search_caption, [caption, k, gallery_state], outputs, api_visibility="private")
+            image_button.click(search_image, [upload, k, gallery_state], outputs, api_name="search_image")
         with gr.Tab("Gallery"):
             gallery_status = gr.HTML(
                 f"<p class='pcme-gallery-status'>Now searching {html.escape(backend.gallery.describe())}.</p>",
@@ -218,8 +218,8 @@ def build_demo(
             with gr.Row():
                 swap_button = gr.Button("Search these instead", variant="primary", elem_id="gallery-swap")
                 reset_button = gr.Button("Back to the start-up gallery", elem_id="gallery-reset")
-            swap_button.click(use_uploaded_gallery, [new_files], [gallery_state, gallery_status])
-            reset_button.click(reset_gallery, None, [gallery_state, gallery_status])
+            swap_button.click(use_uploaded_gallery, [new_files], [gallery_state, gallery_status], api_name="swap_gallery")
+            reset_button.click(reset_gallery, None, [gallery_state, gallery_status], api_name="reset_gallery")
         with gr.Tab("Model analysis"):
             if backend.analysis is not None and backend.analysis.spearman_rho is not None:
                 gr.Markdown(
