@@ -41,6 +41,8 @@ CSS = """
 .pcme-table td, .pcme-table th { border-bottom: 1px solid #ddd; padding: 4px 6px; text-align: left; }
 .pcme-ubar { display: inline-block; width: 80px; height: 9px; background: #e5e5e5; border-radius: 4px; vertical-align: middle; }
 .pcme-ubar > span { display: block; height: 9px; background: #e07b39; border-radius: 4px; }
+.pcme-card .pcme-ubar { width: 54px; }
+.pcme-card .pcme-unc { white-space: nowrap; }
 .pcme-error { color: #a40000; background: #fde8e8; border: 1px solid #f5a3a3; border-radius: 6px; padding: 8px; }
 .pcme-word { padding: 1px 3px; margin: 1px; border-radius: 3px; display: inline-block; }
 """
