@@ -179,3 +179,25 @@ def test_text_file_upload_shows_an_error(page, tmp_path):
     page.save_screenshot(str(tmp_path / "bad_upload.png"))
     assert "notes.txt" in error[0].text and "not an image" in error[0].text
     assert not page.find_elements(By.CSS_SELECTOR, "#results .pcme-result")
+
+
+def test_gallery_swap_at_runtime(page, served, tmp_path):
+    paths = []
+    for i, image in enumerate(gallery_images(3)):
+        paths.append(tmp_path / f"new{i}.png")
+        image.save(paths[-1])
+    page.find_element(By.XPATH, "//button[@role='tab'][contains(., 'Gallery')]").click()
+    page.find_element(By.CSS_SELECTOR, "#gallery-upload input[type=file]").send_keys("\n".join(map(str, paths)))
+    WebDriverWait(page, WAIT_S).until(
+        lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery-upload a[download]")) == len(paths)
+    )
+    page.find_element(By.ID, "gallery-swap").click()
+    WebDriverWait(page, WAIT_S).until(lambda d: "3 uploaded images" in d.find_element(By.ID, "gallery-status").text)
+    page.find_element(By.XPATH, "//button[@role='tab'][contains(., 'Search')]").click()
+    field = page.find_element(By.CSS_SELECTOR, "#caption-query textarea, #caption-query input")
+    field.send_keys(CAPTIONS[0])
+    page.find_element(By.ID, "caption-submit").click()
+    results = rendered_results(page)
+    assert len(results) == 3  # the new gallery (top 5 capped at its 3 images)
+    assert "3 uploaded images" in page.find_element(By.ID, "results").text
+    assert len(served["backend"].gallery) == 12  # the swap is this session's; the start-up gallery stays
