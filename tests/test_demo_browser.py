@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
-import shutil
+import os
 import socket
 import sys
 from pathlib import Path
@@ -38,6 +38,7 @@ if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
         f"needs Debian's chromium and chromium-driver ({CHROMIUM}, {CHROMEDRIVER}): apt-get install chromium chromium-driver",
         allow_module_level=True,
     )
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no telemetry calls
 pytest.importorskip("gradio")
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.common.by import By  # noqa: E402
