@@ -73,7 +73,11 @@ def served(tmp_path_factory):
     torch.manual_seed(0)
     model = PCMEModel(tiny_pcme_config(match_function="csd", loss_type="pcme++")).eval()
     processor = tiny_processor(CAPTIONS)
-    backend = module.DemoBackend((model, processor), gallery_images(), gallery_captions=CAPTIONS, progress_bar=False)
+    plot = tmp_path_factory.mktemp("model") / "uncertainty_vs_vagueness.png"
+    Image.new("RGB", (120, 90), (200, 30, 30)).save(plot)
+    analysis = sys.modules["demo_backend"].UncertaintyAnalysis(spearman_rho=-0.5, source=str(plot.parent / "results.json"))
+    backend = module.DemoBackend((model, processor), gallery_images(), gallery_captions=CAPTIONS, progress_bar=False,
+                                 analysis=analysis, plots=[plot])
     demo = module.build_demo(backend=backend, top_k=TOP_K)
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
@@ -202,3 +206,12 @@ def test_gallery_swap_at_runtime(page, served, tmp_path):
     assert len(results) == 3  # the new gallery (top 5 capped at its 3 images)
     assert "3 uploaded images" in page.find_element(By.ID, "results").text
     assert len(served["backend"].gallery) == 12  # the swap is this session's; the start-up gallery stays
+
+
+def test_model_analysis_tab_shows_the_saved_plot(page):
+    page.find_element(By.XPATH, "//button[@role='tab'][contains(., 'Model analysis')]").click()
+    images = WebDriverWait(page, WAIT_S).until(
+        lambda d: [img for img in d.find_elements(By.CSS_SELECTOR, "img") if "uncertainty_vs_vagueness" in (img.get_attribute("src") or "")]
+    )
+    assert page.execute_script("return arguments[0].naturalWidth", images[0]) == 120  # the file was served
+    assert "-0.500" in page.find_element(By.TAG_NAME, "body").text
