@@ -291,6 +291,9 @@ class DemoBackend:
         gallery_captions: captions for a gallery given as a list of images.
         batch_size: items embedded per forward pass while indexing.
         progress_bar: show tqdm bars while indexing.
+        device: where the model runs (default: a loaded model's own device; for a folder, CUDA
+            when available, else the CPU).
+        analysis, plots: override what is read from the model folder (tests, other layouts).
     """
 
     def __init__(
@@ -301,9 +304,11 @@ class DemoBackend:
         gallery_captions: Sequence[str] | None = None,
         batch_size: int = 100,
         progress_bar: bool = True,
+        device: str | None = None,
         analysis: UncertaintyAnalysis | None = None,
         plots: Sequence[Path] | None = None,
     ):
+        import torch
         from transformers import AutoModel, AutoProcessor, pipeline
 
         started = time.perf_counter()
@@ -311,22 +316,23 @@ class DemoBackend:
             self.model_dir: Path | None = None
             self.model, self.processor = model
             self.model_name = type(self.model).__name__
+            device = device or str(next(self.model.parameters()).device)
         else:
             self.model_dir = check_model_dir(model)
             self.model = AutoModel.from_pretrained(self.model_dir)
             self.processor = AutoProcessor.from_pretrained(self.model_dir)
             self.model_name = self.model_dir.name
-        self.model.eval()
+            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model.to(device).eval()
         self.batch_size = batch_size
         self.progress_bar = progress_bar
         self.analysis = analysis if analysis is not None else (
             load_uncertainty_analysis(self.model_dir) if self.model_dir else None
         )
         self.plots = list(plots) if plots is not None else (analysis_plots(self.model_dir) if self.model_dir else [])
-        self.retriever = pipeline(TASK, model=self.model, processor=self.processor, device="cpu", progress_bar=False)
+        self.retriever = pipeline(TASK, model=self.model, processor=self.processor, device=device, progress_bar=False)
         self._gallery: Gallery | None = None
         self.set_gallery(gallery if isinstance(gallery, Gallery) else self.load_gallery(gallery, captions=gallery_captions))
-        self.startup_gallery = self._gallery
         self.startup_seconds = time.perf_counter() - started
 
     # ------------------------------------------------------------------ galleries

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
-import shutil
+import os
 import socket
 import sys
 from pathlib import Path
@@ -38,6 +38,7 @@ if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
         f"needs Debian's chromium and chromium-driver ({CHROMIUM}, {CHROMEDRIVER}): apt-get install chromium chromium-driver",
         allow_module_level=True,
     )
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no telemetry calls
 pytest.importorskip("gradio")
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -72,7 +73,11 @@ def served(tmp_path_factory):
     torch.manual_seed(0)
     model = PCMEModel(tiny_pcme_config(match_function="csd", loss_type="pcme++")).eval()
     processor = tiny_processor(CAPTIONS)
-    backend = module.DemoBackend((model, processor), gallery_images(), gallery_captions=CAPTIONS, progress_bar=False)
+    plot = tmp_path_factory.mktemp("model") / "uncertainty_vs_vagueness.png"
+    Image.new("RGB", (120, 90), (200, 30, 30)).save(plot)
+    analysis = sys.modules["demo_backend"].UncertaintyAnalysis(spearman_rho=-0.5, source=str(plot.parent / "results.json"))
+    backend = module.DemoBackend((model, processor), gallery_images(), gallery_captions=CAPTIONS, progress_bar=False,
+                                 analysis=analysis, plots=[plot])
     demo = module.build_demo(backend=backend, top_k=TOP_K)
     port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
@@ -179,3 +184,34 @@ def test_text_file_upload_shows_an_error(page, tmp_path):
     page.save_screenshot(str(tmp_path / "bad_upload.png"))
     assert "notes.txt" in error[0].text and "not an image" in error[0].text
     assert not page.find_elements(By.CSS_SELECTOR, "#results .pcme-result")
+
+
+def test_gallery_swap_at_runtime(page, served, tmp_path):
+    paths = []
+    for i, image in enumerate(gallery_images(3)):
+        paths.append(tmp_path / f"new{i}.png")
+        image.save(paths[-1])
+    page.find_element(By.XPATH, "//button[@role='tab'][contains(., 'Gallery')]").click()
+    page.find_element(By.CSS_SELECTOR, "#gallery-upload input[type=file]").send_keys("\n".join(map(str, paths)))
+    WebDriverWait(page, WAIT_S).until(
+        lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery-upload a[download]")) == len(paths)
+    )
+    page.find_element(By.ID, "gallery-swap").click()
+    WebDriverWait(page, WAIT_S).until(lambda d: "3 uploaded images" in d.find_element(By.ID, "gallery-status").text)
+    page.find_element(By.XPATH, "//button[@role='tab'][contains(., 'Search')]").click()
+    field = page.find_element(By.CSS_SELECTOR, "#caption-query textarea, #caption-query input")
+    field.send_keys(CAPTIONS[0])
+    page.find_element(By.ID, "caption-submit").click()
+    results = rendered_results(page)
+    assert len(results) == 3  # the new gallery (top 5 capped at its 3 images)
+    assert "3 uploaded images" in page.find_element(By.ID, "results").text
+    assert len(served["backend"].gallery) == 12  # the swap is this session's; the start-up gallery stays
+
+
+def test_model_analysis_tab_shows_the_saved_plot(page):
+    page.find_element(By.XPATH, "//button[@role='tab'][contains(., 'Model analysis')]").click()
+    images = WebDriverWait(page, WAIT_S).until(
+        lambda d: [img for img in d.find_elements(By.CSS_SELECTOR, "img") if "uncertainty_vs_vagueness" in (img.get_attribute("src") or "")]
+    )
+    assert page.execute_script("return arguments[0].naturalWidth", images[0]) == 120  # the file was served
+    assert "-0.500" in page.find_element(By.TAG_NAME, "body").text
