@@ -1,5 +1,6 @@
 """Scripts answer --help at once, saved-model evaluation needs no training code, runs end with a summary."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -117,3 +118,28 @@ def test_readme_table_is_replaced_between_the_markers_only():
 def test_readme_has_the_markers():
     text = (REPO / "README.md").read_text()
     assert text.index(START_MARKER) < text.index(END_MARKER)
+
+
+def test_train_script_logs_lines_off_a_terminal_and_ends_with_a_summary(tmp_path):
+    output_dir = tmp_path / "run"
+    overrides = [
+        "model.vision_config={model_type: resnet, embedding_size: 8, hidden_sizes: [8, 16], depths: [1, 1], "
+        "layer_type: basic, downsample_in_first_stage: false}",
+        "model.text_config={model_type: pcme_bigru, word_dim: 8, hidden_size: 16}",
+        "model.embed_dim=8", "model.num_samples=3", "data.image_size=32", "train.batch_size=8",
+        "train.phase1_steps=2", "train.phase2_steps=2", "train.warmup_steps=1", "train.log_every=2",
+        "train.eval_every=4", "eval.max_images=4", f"output_dir={output_dir}",
+        f"data.options={{num_images: 8, num_eval_images: 4, image_size: 32, cache_dir: {tmp_path / 'cache'}}}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "train.py"), "--config", str(REPO / "configs" / "shapes_pcme.yaml"),
+         *overrides], capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "shapes_pcme: step 2/4 loss" in result.stdout and "shapes_pcme: step 4/4 loss" in result.stdout
+    assert "\r" not in result.stdout + result.stderr  # no progress bars in a log
+    summary = result.stdout[result.stdout.index("shapes_pcme: training finished after 4 steps."):]
+    assert f"model + processor: {output_dir}" in summary
+    assert "validation (val, percent): i2t_R@1" in summary and "best rsum" in summary
+    assert f"model card: {output_dir / 'README.md'}" in summary and (output_dir / "README.md").is_file()
