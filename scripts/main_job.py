@@ -46,6 +46,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="runs/main_job", help="where models, plot and results go")
     parser.add_argument("--quick", action="store_true", help="a tiny smoke run (seconds), not a measurement")
+    parser.add_argument("--num-threads", type=int, default=2,
+                        help="torch CPU threads (default 2, as for the README's table: results depend on it)")
     parser.add_argument("--update-readme", action="store_true",
                         help="rewrite README.md's results table (between its main-job-table markers) from this run")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides applied to both recipes")
@@ -131,6 +133,7 @@ def print_table(results: dict[str, dict]) -> None:
 
 def main() -> None:
     args = parse_args()
+    import torch
     from accelerate import Accelerator
     from transformers import AutoModel, AutoProcessor, pipeline
 
@@ -141,6 +144,9 @@ def main() -> None:
     from hf_pcme.training.summary import run_summary
     from hf_pcme.training.trainer import train
 
+    # How CPU kernels split their sums depends on the thread count, and with it the last bits of every
+    # result: a fixed count (not the machine's core count) makes the numbers reproduce on any machine.
+    torch.set_num_threads(args.num_threads)
     started = time.perf_counter()
     output_dir = Path(args.output_dir)
     overrides = (QUICK_OVERRIDES if args.quick else []) + list(args.overrides)
@@ -197,7 +203,7 @@ def main() -> None:
                                for name, values in results.items()},
         "uncertainty_vs_vagueness": uncertainty,
         "quick": args.quick,
-        "environment": environment(),
+        "environment": {**environment(), "torch threads": str(torch.get_num_threads())},
         "seconds": time.perf_counter() - started,
     }
     (output_dir / "results.json").write_text(json.dumps(summary, indent=2))
