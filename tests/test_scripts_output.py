@@ -96,6 +96,7 @@ RESULTS = {
     },
     "scorers": {"pcme": "sampled", "baseline": "cosine"},
     "environment": {"python": "3.11.7", "torch": "2.13.0"},
+    "uncertainty_vs_vagueness": {"pcme": {"spearman_rho": -0.9512}},
 }
 
 
@@ -103,6 +104,7 @@ def test_markdown_table_rows():
     lines = markdown_table(RESULTS).splitlines()
     assert lines[2] == "| PCME (sampled) | 71.8 | 74.7 | 52.0 / 95.2 / 99.8 | 19.6 / 41.0 / 47.2 | 354.9 |"
     assert lines[3] == "| baseline (cosine) | 84.8 | 82.8 | 52.8 / 96.0 / 99.6 | 23.6 / 44.0 / 51.2 | 367.2 |"
+    assert "plausible test images: PCME -0.95." in lines[-3]
     assert lines[-1].endswith("in: python 3.11.7, torch 2.13.0.")
 
 
@@ -143,3 +145,15 @@ def test_train_script_logs_lines_off_a_terminal_and_ends_with_a_summary(tmp_path
     assert f"model + processor: {output_dir}" in summary
     assert "validation (val, percent): i2t_R@1" in summary and "best rsum" in summary
     assert f"model card: {output_dir / 'README.md'}" in summary and (output_dir / "README.md").is_file()
+
+
+def test_update_readme_rewrites_only_the_table(tmp_path):
+    import json
+
+    from hf_pcme.results_table import update_readme
+
+    results, readme = tmp_path / "results.json", tmp_path / "README.md"
+    results.write_text(json.dumps(RESULTS))
+    readme.write_text(f"intro\n{START_MARKER}\n| old |\n{END_MARKER}\noutro\n")
+    update_readme(results, readme)
+    assert readme.read_text() == f"intro\n{START_MARKER}\n{markdown_table(RESULTS)}\n{END_MARKER}\noutro\n"

@@ -57,6 +57,11 @@ def markdown_table(results: dict[str, Any]) -> str:
             f"| {label} | {metrics['i2t_pmrp']:.1f} | {metrics['t2i_pmrp']:.1f} | {recalls['i2t']} | "
             f"{recalls['t2i']} | {metrics['rsum']:.1f} |"
         )
+    correlations = results.get("uncertainty_vs_vagueness") or {}
+    if correlations:
+        lines += ["", "Spearman correlation of a caption's mean sigma^2 with its number of plausible test images: "
+                  + ", ".join(f"{MODEL_LABELS.get(name, name)} {report['spearman_rho']:+.2f}"
+                              for name, report in correlations.items()) + "."]
     versions = results.get("environment")
     if versions:
         lines += ["", "Written by `python scripts/main_job.py --update-readme` in: "
