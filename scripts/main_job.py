@@ -1,6 +1,6 @@
 """The main job: PCME vs a deterministic baseline on the embedded *shapes* data, offline, on a CPU.
 
-    python scripts/main_job.py [--output-dir runs/main_job] [--quick] [key=value ...]
+    python scripts/main_job.py [--output-dir runs/main_job] [--quick] [--update-readme] [--num-threads 2] [key=value ...]
 
 1. trains PCME (``configs/shapes_pcme.yaml``), PCME++ (``configs/shapes_pcmepp.yaml``: CSD loss
    with pseudo-positives) and the deterministic baseline (``configs/shapes_deterministic.yaml``),
