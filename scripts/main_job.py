@@ -1,6 +1,6 @@
 """The main job: PCME vs a deterministic baseline on the embedded *shapes* data, offline, on a CPU.
 
-    python scripts/main_job.py [--output-dir runs/main_job] [--quick] [key=value ...]
+    python scripts/main_job.py [--output-dir runs/main_job] [--quick] [--update-readme] [--num-threads 2] [key=value ...]
 
 1. trains PCME (``configs/shapes_pcme.yaml``), PCME++ (``configs/shapes_pcmepp.yaml``: CSD loss
    with pseudo-positives) and the deterministic baseline (``configs/shapes_deterministic.yaml``),
@@ -26,16 +26,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-from accelerate import Accelerator
-from scipy.stats import spearmanr
-from transformers import AutoModel, AutoProcessor, pipeline
 
-import hf_pcme  # noqa: F401  (registers "pcme" and the pipeline)
-from hf_pcme.data import load_dataset_by_name, make_retrieval_split
-from hf_pcme.training import load_recipe
-from hf_pcme.evaluation import default_scorer, encode_for_scorer, retrieval_metrics
-from hf_pcme.training.trainer import train
+# torch, transformers, scipy and hf_pcme are imported where they are used, so that --help answers at once.
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RECIPES = {
@@ -54,12 +46,21 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="runs/main_job", help="where models, plot and results go")
     parser.add_argument("--quick", action="store_true", help="a tiny smoke run (seconds), not a measurement")
+    parser.add_argument("--num-threads", type=int, default=2,
+                        help="torch CPU threads (default 2, as for the README's table: results depend on it)")
+    parser.add_argument("--update-readme", action="store_true",
+                        help="rewrite README.md's results table (between its main-job-table markers) from this run")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides applied to both recipes")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.update_readme and (args.quick or args.overrides):
+        parser.error("--update-readme writes the README's measured table: run the full job, without --quick or overrides.")
+    return args
 
 
-def evaluate_on_test(model, processor, test_view, recipe, accelerator: Accelerator) -> dict:
+def evaluate_on_test(model, processor, test_view, recipe, accelerator) -> dict:
     """Test-split metrics of one model (ranked by its own score), its embeddings, and per-level results."""
+    from hf_pcme.evaluation import default_scorer, encode_for_scorer, retrieval_metrics
+
     scorer = default_scorer(model)
     images, texts = encode_for_scorer(model, processor, test_view, accelerator, scorer=scorer,
                                       batch_size=recipe.eval.batch_size, num_samples=recipe.eval.num_samples)
@@ -76,6 +77,8 @@ def evaluate_on_test(model, processor, test_view, recipe, accelerator: Accelerat
 
 def uncertainty_report(name: str, result: dict, test_view, vagueness: np.ndarray, model_dir: Path) -> dict:
     """Spearman(caption sigma^2, vagueness), a per-level table, and the scatter plot of one probabilistic model."""
+    from scipy.stats import spearmanr
+
     variance = result["caption_variance"]
     rho, p_value = spearmanr(variance, vagueness)
     direction = "LARGER" if rho > 0 else "SMALLER"
@@ -130,6 +133,20 @@ def print_table(results: dict[str, dict]) -> None:
 
 def main() -> None:
     args = parse_args()
+    import torch
+    from accelerate import Accelerator
+    from transformers import AutoModel, AutoProcessor, pipeline
+
+    import hf_pcme  # noqa: F401  (registers "pcme" and the pipeline)
+    from hf_pcme.data import load_dataset_by_name, make_retrieval_split
+    from hf_pcme.results_table import environment, update_readme
+    from hf_pcme.training import load_recipe
+    from hf_pcme.training.summary import run_summary
+    from hf_pcme.training.trainer import train
+
+    # How CPU kernels split their sums depends on the thread count, and with it the last bits of every
+    # result: a fixed count (not the machine's core count) makes the numbers reproduce on any machine.
+    torch.set_num_threads(args.num_threads)
     started = time.perf_counter()
     output_dir = Path(args.output_dir)
     overrides = (QUICK_OVERRIDES if args.quick else []) + list(args.overrides)
@@ -186,10 +203,17 @@ def main() -> None:
                                for name, values in results.items()},
         "uncertainty_vs_vagueness": uncertainty,
         "quick": args.quick,
+        "environment": {**environment(), "torch threads": str(torch.get_num_threads())},
         "seconds": time.perf_counter() - started,
     }
     (output_dir / "results.json").write_text(json.dumps(summary, indent=2))
-    print(f"\nresults: {output_dir / 'results.json'}  ({summary['seconds']:.0f} s in all)")
+    print("\n=== summary ===")
+    for name, (result, recipe) in trained.items():
+        plots = [uncertainty[name]["plot"]] if name in uncertainty else []
+        print(run_summary(result, recipe, plots=plots))
+    print(f"test-split results of every model: {output_dir / 'results.json'}  ({summary['seconds']:.0f} s in all)")
+    if args.update_readme:
+        print(f"README table rewritten: {update_readme(output_dir / 'results.json', REPO_ROOT / 'README.md')}")
 
 
 if __name__ == "__main__":

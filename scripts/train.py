@@ -36,6 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     from hf_pcme.training.trainer import train
 
     result = train(recipe, resume=args.resume, push_to_hub=args.push_to_hub)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        from hf_pcme.training.summary import run_summary
+
+        print("\n" + run_summary(result, recipe), flush=True)
     return 0 if not result.interrupted else 3
 
 

@@ -54,12 +54,14 @@ def test_other_auto_config_errors_pass_through(tmp_path):
 
 
 def test_missing_weights_are_named(saved, tmp_path):
-    from transformers import AutoModel
+    from transformers import AutoModel, pipeline
 
     folder = _copy_without(saved, tmp_path, "model.safetensors")
     for load in (PCMEModel.from_pretrained, AutoModel.from_pretrained):
-        with pytest.raises(OSError, match="model.safetensors"):
+        with pytest.raises(OSError, match=f"no file named model.safetensors.*found in directory {folder}"):
             load(folder)
+    with pytest.raises(ValueError, match="no file named model.safetensors"):  # transformers wraps it
+        pipeline("cross-modal-retrieval", model=str(folder))
 
 
 def test_missing_processor_files_are_named(saved, tmp_path):

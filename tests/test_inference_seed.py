@@ -136,3 +136,17 @@ def test_evaluate_script_and_main_job_give_the_same_metrics(tmp_path):
     assert from_main_job["metrics"] == from_script
     # the comparison has teeth: other samples give other metrics on this noisy model
     assert evaluate_script("--seed", "1") != from_script
+
+
+def test_a_generator_on_another_device_is_named(model_and_inputs):
+    model, _ = model_and_inputs
+    # only the device types are compared, so this runs without a GPU
+    with pytest.raises(ValueError, match=r"generator is on cpu but the embeddings are on cuda:0.*torch.Generator\(device='cuda:0'\)"):
+        model._sampling_generator(torch.device("cuda:0"), torch.Generator(), stream=0)
+
+
+def test_eval_mode_generator_is_created_on_the_inputs_device(model_and_inputs):
+    model, _ = model_and_inputs
+    generator = model._sampling_generator(torch.device("cpu"), None, stream=1)
+    assert generator.device.type == "cpu"
+    assert generator.initial_seed() == 2 * model.config.inference_seed + 1

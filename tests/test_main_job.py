@@ -1,4 +1,11 @@
-"""The main job end to end in its --quick mode: train three models, evaluate, save, reload, retrieve, report."""
+"""The main job end to end in its --quick mode: train three models, evaluate, save, reload, retrieve, report.
+
+The quick run's metrics must equal ``tests/reference/main_job_quick.json``, written in the pinned
+environment (``constraints.txt``). After a change that moves the numbers on purpose, regenerate it:
+
+    python scripts/main_job.py --quick --num-threads 1 --output-dir runs/quick
+    python -m hf_pcme.results_table runs/quick/results.json --write-reference tests/reference/main_job_quick.json
+"""
 
 import json
 import os
@@ -16,7 +23,10 @@ def quick_run(tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("main_job")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(output_dir / "datasets_cache"))
     result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "main_job.py"), "--quick", "--output-dir", str(output_dir)],
+        # one thread: fast on a busy CI machine; the reference below is for one thread (the thread count
+        # changes the last bits of every sum, and with them the metrics)
+        [sys.executable, str(REPO / "scripts" / "main_job.py"), "--quick", "--num-threads", "1", "--output-dir",
+         str(output_dir)],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
@@ -48,3 +58,25 @@ def test_saves_the_pcme_model_with_its_card(quick_run):
     folder = output_dir / "pcme"
     assert {"config.json", "model.safetensors", "README.md", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
     assert "model-index" in (folder / "README.md").read_text()
+
+
+def test_quick_run_reproduces_the_reference(quick_run):
+    from hf_pcme.results_table import reference_from_results
+
+    output_dir, _ = quick_run
+    reference = json.loads((REPO / "tests" / "reference" / "main_job_quick.json").read_text())
+    assert reference_from_results(json.loads((output_dir / "results.json").read_text())) == reference, (
+        "The --quick metrics differ from tests/reference/main_job_quick.json: a different environment than "
+        "constraints.txt, or a change that moves the numbers (regenerate the reference, see this file's docstring)."
+    )
+
+
+def test_ends_with_a_summary(quick_run):
+    output_dir, stdout = quick_run
+    summary = stdout[stdout.index("=== summary ==="):]
+    for name in ("pcme", "pcme++", "deterministic"):
+        assert f"model + processor: {output_dir / name}" in summary
+        assert f"model card: {output_dir / name / 'README.md'}" in summary
+    assert f"plot: {output_dir / 'pcme' / 'uncertainty_vs_vagueness.png'}" in summary
+    assert "best rsum" in summary and "validation (val, percent): i2t_R@1" in summary
+    assert "Embedding" not in stdout and "\r" not in stdout  # no progress bars when the output is not a terminal

@@ -850,7 +850,7 @@ def encode_corpus(
     means, log_sigma2s, attentions = [], [], []
     try:
         for rows in tqdm(
-            list(iter_row_chunks(len(items), batch_size)), desc=f"Embedding {modality} corpus", disable=not progress_bar
+            list(iter_row_chunks(len(items), batch_size)), desc=f"Embedding {modality} corpus", disable=None if progress_bar else True
         ):
             out = encode_batch(model, processor, items[rows], modality)
             means.append(out.mean.float().cpu())

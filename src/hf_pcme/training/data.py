@@ -98,7 +98,7 @@ class PixelCache:
             return None
         pixel_values = torch.empty((len(unique_ids), *first.shape), dtype=first.dtype)
         starts = range(0, len(unique_ids), batch_size)
-        for start in tqdm(starts, desc="Caching pixel values", unit="batch", disable=not progress):
+        for start in tqdm(starts, desc="Caching pixel values", unit="batch", disable=None if progress else True):
             rows = images[[int(i) for i in first_rows[start : start + batch_size]]]
             pixel_values[start : start + batch_size] = torch.stack(transform(rows)["pixel_values"])
         return cls(unique_ids, pixel_values)

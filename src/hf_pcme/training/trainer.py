@@ -104,6 +104,7 @@ class TrainResult:
         global_step: optimiser steps done.
         best_metric: best value of ``train.best_metric`` seen, if any.
         interrupted: True when the run stopped early at ``train.stop_after_steps``.
+        best_step: the step of ``best_metric`` (its model is in ``output_dir/best``), if any.
     """
 
     model: Any
@@ -113,6 +114,7 @@ class TrainResult:
     global_step: int
     best_metric: float | None = None
     interrupted: bool = False
+    best_step: int | None = None
 
 
 class _StopRequested(Exception):
@@ -281,7 +283,8 @@ class Trainer:
 
         self.progress = tqdm(
             total=total_steps, initial=state.global_step, desc=recipe.name,
-            disable=not accelerator.is_local_main_process, dynamic_ncols=True,
+            # disable=None: a bar on a terminal only; otherwise _after_step prints a line every log_every steps
+            disable=None if accelerator.is_local_main_process else True, dynamic_ncols=True,
         )
         self._started = time.perf_counter()
         try:
@@ -364,6 +367,8 @@ class Trainer:
             values["train/phase"] = state.phase + 1
             self.accelerator.log(values, step=step)
             self.progress.set_postfix(loss=f"{values['train/loss']:.4g}", refresh=False)
+            if self.progress.disable and self.accelerator.is_local_main_process:
+                print(f"{self.recipe.name}: step {step}/{self.progress.total} loss {values['train/loss']:.4g}", flush=True)
         if train.eval_every and step % train.eval_every == 0:
             self._evaluate_and_track(state)
         if step % train.checkpoint_every == 0:
@@ -448,7 +453,8 @@ class Trainer:
             accelerator.print(f"Pushed to {url}")
         accelerator.wait_for_everyone()
         self._finish_trackers()
-        return TrainResult(self.model, self.processor, metrics, self.output_dir, state.global_step, state.best_metric)
+        return TrainResult(self.model, self.processor, metrics, self.output_dir, state.global_step, state.best_metric,
+                           best_step=state.best_step)
 
     def _finish_trackers(self) -> None:
         # Not accelerator.end_training(): it also destroys the process group, and a caller may
