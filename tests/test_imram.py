@@ -218,3 +218,33 @@ def test_config_rejects_bad_values():
         IMRAMConfig(variant="both")
     with pytest.raises(ValueError, match="num_steps"):
         IMRAMConfig(num_steps=0)
+
+
+def test_unfrozen_tower_is_a_copy(dual_encoder):
+    model = _imram(dual_encoder, frozen_towers=["vision"])
+    assert model.vision_model is dual_encoder.vision_model
+    assert model.text_model is not dual_encoder.text_model
+    for a, b in zip(model.text_model.parameters(), dual_encoder.text_model.parameters()):
+        assert torch.equal(a, b) and a.requires_grad
+    with torch.no_grad():
+        next(model.text_model.parameters()).add_(1.0)
+    assert not torch.equal(next(model.text_model.parameters()), next(dual_encoder.text_model.parameters()))
+
+
+def test_training_module_scores_the_batch_with_same_image_positives(dual_encoder, processor):
+    from hf_pcme.training.module_imram import IMRAMTrainingModule
+
+    model = _imram(dual_encoder)
+    module = IMRAMTrainingModule(model)
+    inputs = processor(images=tiny_images(4), text=list(TINY_CAPTIONS), return_tensors="pt", padding=True)
+    image_ids = torch.tensor([0, 0, 1, 2])  # pairs 0 and 1 show the same image
+    output = module(**inputs, image_ids=image_ids)
+    scores = model(**inputs).logits_per_image.detach()
+    positives = image_ids[:, None] == image_ids[None, :]
+    expected = 0.0
+    for i in range(4):
+        for p in range(4):
+            if positives[i, p]:
+                expected += max(0.0, 0.2 + scores[i][~positives[i]].max() - scores[i, p])
+                expected += max(0.0, 0.2 + scores[:, i][~positives[:, i]].max() - scores[p, i])
+    torch.testing.assert_close(output.loss.detach(), torch.tensor(float(expected)), rtol=1e-5, atol=1e-5)
