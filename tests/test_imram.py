@@ -248,3 +248,46 @@ def test_training_module_scores_the_batch_with_same_image_positives(dual_encoder
                 expected += max(0.0, 0.2 + scores[i][~positives[i]].max() - scores[i, p])
                 expected += max(0.0, 0.2 + scores[:, i][~positives[:, i]].max() - scores[p, i])
     torch.testing.assert_close(output.loss.detach(), torch.tensor(float(expected)), rtol=1e-5, atol=1e-5)
+
+
+def test_evaluate_script_with_reranker_covering_the_gallery_ranks_by_imram(tmp_path, dual_encoder, processor):
+    import importlib.util
+    from pathlib import Path
+
+    import numpy as np
+
+    from hf_pcme.data import load_dataset_by_name, make_retrieval_split
+
+    repo = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("evaluate_script", repo / "scripts" / "evaluate.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    options = {"num_images": 8, "num_eval_images": 6, "image_size": 32, "cache_dir": tmp_path / "cache"}
+    view = make_retrieval_split(load_dataset_by_name("shapes", split="test", **options))
+    shapes_processor = tiny_processor(texts=list(view.captions["caption"]))
+    config = tiny_pcme_config(text_config=tiny_text_config(vocab_size=len(shapes_processor.tokenizer)))
+    torch.manual_seed(0)
+    model_dir, reranker_dir = tmp_path / "pcme", tmp_path / "imram"
+    pcme = PCMEModel(config).eval()
+    pcme.save_pretrained(model_dir)
+    shapes_processor.save_pretrained(model_dir)
+    reranker = _imram(pcme)
+    reranker.save_pretrained(reranker_dir)
+    args = ["--model", str(model_dir), "--dataset", "shapes", "--scorer", "cosine", "--output", str(tmp_path / "r.json"),
+            *[f"--dataset-option={key}={value}" for key, value in options.items()]]
+
+    metrics = script.main([*args, "--reranker", str(reranker_dir), "--rerank-top-k", str(view.num_captions)])
+    inputs = shapes_processor(images=[row["image"] for row in view.images], text=list(view.captions["caption"]),
+                              return_tensors="pt", padding=True)
+    with torch.no_grad():
+        scores = reranker(**inputs).logits_per_image
+    own = torch.as_tensor(view.text_to_image)[None, :] == torch.arange(view.num_images)[:, None]
+    # pessimistic ties (as the metrics): a hit only if the best relevant item beats every other item
+    # (identical vague captions of different images tie exactly)
+    i2t_hits = [int(scores[i][own[i]].max() > scores[i][~own[i]].max()) for i in range(view.num_images)]
+    t2i_hits = [int(scores[:, j][own[:, j]].max() > scores[:, j][~own[:, j]].max()) for j in range(view.num_captions)]
+    assert metrics["i2t_R@1"] == pytest.approx(100.0 * np.mean(i2t_hits))
+    assert metrics["t2i_R@1"] == pytest.approx(100.0 * np.mean(t2i_hits))
+
+    with pytest.raises(ValueError, match="must be an IMRAM model"):
+        script.main([*args, "--reranker", str(model_dir)])
