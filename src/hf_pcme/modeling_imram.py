@@ -32,6 +32,9 @@ not Faster R-CNN detections; the words come from the dual encoder's text tower (
 through one linear projection; the towers can be shared with (and frozen as in) a trained
 :class:`PCMEModel`, so IMRAM only re-ranks that dual encoder's top-K. The final l2-normalisation of
 the updated queries is what the authors' code does by default (it is not in the paper's equations).
+Training (:meth:`IMRAMModel.compute_loss`) is the paper's hardest-negative triplet loss by default;
+``max_violation=False`` sums over all negatives instead (the shapes recipe uses it: on frozen towers
+the hardest-negative loss collapsed to equal scores for every pair).
 """
 
 from __future__ import annotations
