@@ -291,3 +291,40 @@ def test_evaluate_script_with_reranker_covering_the_gallery_ranks_by_imram(tmp_p
 
     with pytest.raises(ValueError, match="must be an IMRAM model"):
         script.main([*args, "--reranker", str(model_dir)])
+
+
+def test_imram_recipe_trains_through_the_trainer_and_resumes_exactly(tmp_path):
+    from pathlib import Path
+
+    from hf_pcme.training.config import load_recipe
+    from hf_pcme.training.trainer import train
+
+    repo = Path(__file__).resolve().parent.parent
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        data = [f"data.options={{num_images: 8, num_eval_images: 4, image_size: 32, cache_dir: {tmp_path / 'cache'}}}",
+                "data.image_size=32", "train.batch_size=8"]
+        pcme_dir = tmp_path / "pcme"
+        train(load_recipe(repo / "configs/shapes_pcme.yaml", [
+            "model.vision_config={model_type: resnet, embedding_size: 8, hidden_sizes: [8, 16], depths: [1, 1], "
+            "layer_type: basic, downsample_in_first_stage: false}",
+            "model.text_config={model_type: pcme_bigru, word_dim: 8, hidden_size: 16}", "model.embed_dim=8",
+            "model.num_samples=3", "train.max_steps=1", "eval.enabled=false", f"output_dir={pcme_dir}", *data]))
+        imram = [f"model.pretrained={pcme_dir}", "model.imram.embed_dim=8", "train.phase2_steps=4", "train.warmup_steps=1",
+                 "train.checkpoint_every=2", "train.log_every=1", *data]
+        recipe = repo / "configs/shapes_imram.yaml"
+        whole = train(load_recipe(recipe, [*imram, f"output_dir={tmp_path / 'whole'}"]))
+        assert isinstance(whole.model, IMRAMModel) and whole.global_step == 4
+        stopped = train(load_recipe(recipe, [*imram, f"output_dir={tmp_path / 'resumed'}", "train.stop_after_steps=2"]))
+        assert stopped.interrupted
+        resumed = train(load_recipe(recipe, [*imram, f"output_dir={tmp_path / 'resumed'}"]), resume=True)
+    finally:
+        torch.set_num_threads(threads)
+    saved = IMRAMModel.from_pretrained(tmp_path / "resumed")
+    for name, value in whole.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[name]), name
+        assert torch.equal(value, saved.state_dict()[name]), name
+    frozen = PCMEModel.from_pretrained(pcme_dir).vision_model.state_dict()
+    assert all(torch.equal(v, saved.vision_model.state_dict()[k]) for k, v in frozen.items())  # the vision tower stayed fixed
+    assert (tmp_path / "resumed" / "README.md").read_text().count("IMRAM re-ranker") == 1
