@@ -218,3 +218,113 @@ def test_config_rejects_bad_values():
         IMRAMConfig(variant="both")
     with pytest.raises(ValueError, match="num_steps"):
         IMRAMConfig(num_steps=0)
+
+
+def test_unfrozen_tower_is_a_copy(dual_encoder):
+    model = _imram(dual_encoder, frozen_towers=["vision"])
+    assert model.vision_model is dual_encoder.vision_model
+    assert model.text_model is not dual_encoder.text_model
+    for a, b in zip(model.text_model.parameters(), dual_encoder.text_model.parameters()):
+        assert torch.equal(a, b) and a.requires_grad
+    with torch.no_grad():
+        next(model.text_model.parameters()).add_(1.0)
+    assert not torch.equal(next(model.text_model.parameters()), next(dual_encoder.text_model.parameters()))
+
+
+def test_training_module_scores_the_batch_with_same_image_positives(dual_encoder, processor):
+    from hf_pcme.training.module_imram import IMRAMTrainingModule
+
+    model = _imram(dual_encoder)
+    module = IMRAMTrainingModule(model)
+    inputs = processor(images=tiny_images(4), text=list(TINY_CAPTIONS), return_tensors="pt", padding=True)
+    image_ids = torch.tensor([0, 0, 1, 2])  # pairs 0 and 1 show the same image
+    output = module(**inputs, image_ids=image_ids)
+    scores = model(**inputs).logits_per_image.detach()
+    positives = image_ids[:, None] == image_ids[None, :]
+    expected = 0.0
+    for i in range(4):
+        for p in range(4):
+            if positives[i, p]:
+                expected += max(0.0, 0.2 + scores[i][~positives[i]].max() - scores[i, p])
+                expected += max(0.0, 0.2 + scores[:, i][~positives[:, i]].max() - scores[p, i])
+    torch.testing.assert_close(output.loss.detach(), torch.tensor(float(expected)), rtol=1e-5, atol=1e-5)
+
+
+def test_evaluate_script_with_reranker_covering_the_gallery_ranks_by_imram(tmp_path, dual_encoder, processor):
+    import importlib.util
+    from pathlib import Path
+
+    import numpy as np
+
+    from hf_pcme.data import load_dataset_by_name, make_retrieval_split
+
+    repo = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("evaluate_script", repo / "scripts" / "evaluate.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    options = {"num_images": 8, "num_eval_images": 6, "image_size": 32, "cache_dir": tmp_path / "cache"}
+    view = make_retrieval_split(load_dataset_by_name("shapes", split="test", **options))
+    shapes_processor = tiny_processor(texts=list(view.captions["caption"]))
+    config = tiny_pcme_config(text_config=tiny_text_config(vocab_size=len(shapes_processor.tokenizer)))
+    torch.manual_seed(0)
+    model_dir, reranker_dir = tmp_path / "pcme", tmp_path / "imram"
+    pcme = PCMEModel(config).eval()
+    pcme.save_pretrained(model_dir)
+    shapes_processor.save_pretrained(model_dir)
+    reranker = _imram(pcme)
+    reranker.save_pretrained(reranker_dir)
+    args = ["--model", str(model_dir), "--dataset", "shapes", "--scorer", "cosine", "--output", str(tmp_path / "r.json"),
+            *[f"--dataset-option={key}={value}" for key, value in options.items()]]
+
+    metrics = script.main([*args, "--reranker", str(reranker_dir), "--rerank-top-k", str(view.num_captions)])
+    inputs = shapes_processor(images=[row["image"] for row in view.images], text=list(view.captions["caption"]),
+                              return_tensors="pt", padding=True)
+    with torch.no_grad():
+        scores = reranker(**inputs).logits_per_image
+    own = torch.as_tensor(view.text_to_image)[None, :] == torch.arange(view.num_images)[:, None]
+    # pessimistic ties (as the metrics): a hit only if the best relevant item beats every other item
+    # (identical vague captions of different images tie exactly)
+    i2t_hits = [int(scores[i][own[i]].max() > scores[i][~own[i]].max()) for i in range(view.num_images)]
+    t2i_hits = [int(scores[:, j][own[:, j]].max() > scores[:, j][~own[:, j]].max()) for j in range(view.num_captions)]
+    assert metrics["i2t_R@1"] == pytest.approx(100.0 * np.mean(i2t_hits))
+    assert metrics["t2i_R@1"] == pytest.approx(100.0 * np.mean(t2i_hits))
+
+    with pytest.raises(ValueError, match="must be an IMRAM model"):
+        script.main([*args, "--reranker", str(model_dir)])
+
+
+def test_imram_recipe_trains_through_the_trainer_and_resumes_exactly(tmp_path):
+    from pathlib import Path
+
+    from hf_pcme.training.config import load_recipe
+    from hf_pcme.training.trainer import train
+
+    repo = Path(__file__).resolve().parent.parent
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        data = [f"data.options={{num_images: 8, num_eval_images: 4, image_size: 32, cache_dir: {tmp_path / 'cache'}}}",
+                "data.image_size=32", "train.batch_size=8"]
+        pcme_dir = tmp_path / "pcme"
+        train(load_recipe(repo / "configs/shapes_pcme.yaml", [
+            "model.vision_config={model_type: resnet, embedding_size: 8, hidden_sizes: [8, 16], depths: [1, 1], "
+            "layer_type: basic, downsample_in_first_stage: false}",
+            "model.text_config={model_type: pcme_bigru, word_dim: 8, hidden_size: 16}", "model.embed_dim=8",
+            "model.num_samples=3", "train.max_steps=1", "eval.enabled=false", f"output_dir={pcme_dir}", *data]))
+        imram = [f"model.pretrained={pcme_dir}", "model.imram.embed_dim=8", "train.phase2_steps=4", "train.warmup_steps=1",
+                 "train.checkpoint_every=2", "train.log_every=1", *data]
+        recipe = repo / "configs/shapes_imram.yaml"
+        whole = train(load_recipe(recipe, [*imram, f"output_dir={tmp_path / 'whole'}"]))
+        assert isinstance(whole.model, IMRAMModel) and whole.global_step == 4
+        stopped = train(load_recipe(recipe, [*imram, f"output_dir={tmp_path / 'resumed'}", "train.stop_after_steps=2"]))
+        assert stopped.interrupted
+        resumed = train(load_recipe(recipe, [*imram, f"output_dir={tmp_path / 'resumed'}"]), resume=True)
+    finally:
+        torch.set_num_threads(threads)
+    saved = IMRAMModel.from_pretrained(tmp_path / "resumed")
+    for name, value in whole.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[name]), name
+        assert torch.equal(value, saved.state_dict()[name]), name
+    frozen = PCMEModel.from_pretrained(pcme_dir).vision_model.state_dict()
+    assert all(torch.equal(v, saved.vision_model.state_dict()[k]) for k, v in frozen.items())  # the vision tower stayed fixed
+    assert (tmp_path / "resumed" / "README.md").read_text().count("IMRAM re-ranker") == 1

@@ -35,8 +35,9 @@ class IMRAMConfig(PreTrainedConfig):
             ``clipped_l2norm``: LeakyReLU(0.1)); 0 gives a plain ReLU clip.
         margin: margin of the hardest-negative triplet loss (VSE++ / IMRAM: 0.2).
         max_violation: hardest negative only (``True``, VSE++) or the sum over negatives.
-        freeze_towers: keep the towers' weights (and BatchNorm statistics) fixed: the towers of a
-            trained dual encoder, shared for re-ranking.
+        frozen_towers: the towers (``"vision"``, ``"text"``) whose weights (and BatchNorm statistics)
+            stay fixed. Default both: the towers of a trained dual encoder, shared for re-ranking. The
+            paper keeps its region features fixed and trains its text encoder: ``["vision"]``.
         dual_encoder: where the towers came from (a folder or hub id of a PCME model), informational.
         initializer_range: std of the normal initialisation of the linear layers.
     """
@@ -52,7 +53,7 @@ class IMRAMConfig(PreTrainedConfig):
     leaky_relu_slope: float = 0.1
     margin: float = 0.2
     max_violation: bool = True
-    freeze_towers: bool = True
+    frozen_towers: list | tuple = ("vision", "text")
     dual_encoder: str | None = None
     initializer_range: float = 0.02
 
@@ -64,6 +65,10 @@ class IMRAMConfig(PreTrainedConfig):
             raise ValueError(f"embed_dim must be a positive integer, got {self.embed_dim}.")
         if int(self.num_steps) < 1:
             raise ValueError(f"num_steps (K, matching steps) must be >= 1, got {self.num_steps}.")
+        self.frozen_towers = list(self.frozen_towers or [])
+        for name in self.frozen_towers:
+            if name not in ("vision", "text"):
+                raise ValueError(f"frozen_towers may list 'vision' and 'text', got {name!r}.")
         if float(self.attention_temperature) <= 0:
             raise ValueError(f"attention_temperature (lambda) must be > 0, got {self.attention_temperature}.")
         super().__post_init__(**kwargs)

@@ -32,11 +32,15 @@ not Faster R-CNN detections; the words come from the dual encoder's text tower (
 through one linear projection; the towers can be shared with (and frozen as in) a trained
 :class:`PCMEModel`, so IMRAM only re-ranks that dual encoder's top-K. The final l2-normalisation of
 the updated queries is what the authors' code does by default (it is not in the paper's equations).
+Training (:meth:`IMRAMModel.compute_loss`) is the paper's hardest-negative triplet loss by default;
+``max_violation=False`` sums over all negatives instead (the shapes recipe uses it: on frozen towers
+the hardest-negative loss collapsed to equal scores for every pair).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -212,20 +216,23 @@ class IMRAMModel(IMRAMPreTrainedModel):
         # Only the directions the variant uses get a memory unit (DDP needs every parameter used).
         self.text_memory = MemoryDistillationUnit(config.embed_dim) if config.variant in ("text", "full") else None
         self.image_memory = MemoryDistillationUnit(config.embed_dim) if config.variant in ("image", "full") else None
-        if config.freeze_towers:
-            for tower in (self.vision_model, self.text_model):
-                tower.requires_grad_(False)
+        for tower in self._frozen_towers():
+            tower.requires_grad_(False)
         self.post_init()
         self.train(self.training)  # frozen towers start in eval mode too
 
     @classmethod
     def from_dual_encoder(
-        cls, pcme_model: PreTrainedModel | str | os.PathLike, freeze_towers: bool = True, **config_kwargs: Any
+        cls,
+        pcme_model: PreTrainedModel | str | os.PathLike,
+        frozen_towers: tuple[str, ...] | list[str] = ("vision", "text"),
+        **config_kwargs: Any,
     ) -> "IMRAMModel":
         """An IMRAM matcher on the towers of a :class:`PCMEModel` (an instance or a saved folder / hub id).
 
-        The towers are shared (the same modules); with ``freeze_towers`` they stay fixed (and in eval
-        mode) while the projections and memory units train. ``config_kwargs`` are :class:`IMRAMConfig` fields.
+        Frozen towers are shared (the same modules) and stay fixed (in eval mode); a tower left out of
+        ``frozen_towers`` is copied, so training it leaves the dual encoder unchanged.
+        ``config_kwargs`` are :class:`IMRAMConfig` fields.
         """
         if isinstance(pcme_model, (str, os.PathLike)):
             from .modeling_pcme import PCMEModel
@@ -241,28 +248,34 @@ class IMRAMModel(IMRAMPreTrainedModel):
         config = IMRAMConfig(
             vision_config=pcme_model.config.vision_config,
             text_config=pcme_model.config.text_config,
-            freeze_towers=freeze_towers,
+            frozen_towers=list(frozen_towers),
             **config_kwargs,
         )
-        return cls(config, vision_model=pcme_model.vision_model, text_model=pcme_model.text_model)
+        towers = {
+            name: module if name in config.frozen_towers else copy.deepcopy(module)
+            for name, module in (("vision", pcme_model.vision_model), ("text", pcme_model.text_model))
+        }
+        return cls(config, vision_model=towers["vision"], text_model=towers["text"])
 
     def train(self, mode: bool = True) -> "IMRAMModel":
         super().train(mode)
-        if self.config.freeze_towers:  # frozen towers keep their BatchNorm statistics and no dropout
-            self.vision_model.eval()
-            self.text_model.eval()
+        for tower in self._frozen_towers():  # frozen towers keep their BatchNorm statistics and no dropout
+            tower.eval()
         return self
 
+    def _frozen_towers(self) -> list[nn.Module]:
+        return [getattr(self, f"{name}_model") for name in self.config.frozen_towers]
+
     # ------------------------------------------------------------------ encoding
-    def _tower_context(self):
-        return torch.no_grad() if self.config.freeze_towers else contextlib.nullcontext()
+    def _tower_context(self, name: str):
+        return torch.no_grad() if name in self.config.frozen_towers else contextlib.nullcontext()
 
     def encode_images(self, pixel_values: torch.FloatTensor) -> LocalFeatures:
         """Regions of ``pixel_values (B, 3, H, W)``: the tower's grid cells / patches, projected and l2-normalised ``(B, R, D)``."""
         if pixel_values is None or pixel_values.dim() != 4:
             shape = None if pixel_values is None else tuple(pixel_values.shape)
             raise ValueError(f"pixel_values must be a (batch, channels, height, width) tensor, got {shape}.")
-        with self._tower_context():
+        with self._tower_context("vision"):
             local, _, _ = tower_local_and_global(self.vision_model(pixel_values=pixel_values))
         return LocalFeatures(l2_normalize(self.image_projection(local)), None)
 
@@ -275,7 +288,7 @@ class IMRAMModel(IMRAMPreTrainedModel):
             raise ValueError(f"input_ids must be a (batch, length) tensor, got {shape}.")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        with self._tower_context():
+        with self._tower_context("text"):
             outputs = self.text_model(input_ids=input_ids, attention_mask=attention_mask, **text_kwargs)
             local, _, mask = tower_local_and_global(outputs, attention_mask)
         return LocalFeatures(l2_normalize(self.text_projection(local)), mask)

@@ -84,7 +84,7 @@ class CrossModalRetrievalPipeline(Pipeline):
     match probability are reproducible; ``None`` there = fresh noise).
 
     Two-stage retrieval: ``pipeline(..., reranker=IMRAMModel or folder, rerank_top_k=50)`` takes each
-    query's first-stage top ``rerank_top_k`` (>= ``top_k``) from the index, re-orders them by the
+    query's first-stage top ``rerank_top_k`` (>= ``top_k``; default 50) from the index, re-orders them by the
     re-ranker's score and returns the first ``top_k``; each item keeps its first-stage ``score``,
     ``match_probability`` and ``uncertainty`` and gains ``rerank_score`` and ``first_stage_rank``.
     The re-ranker must read the same inputs as the model (its towers' configs equal, e.g. built with

@@ -1,7 +1,7 @@
 """Build the :class:`~hf_pcme.IMRAMModel` of a recipe with ``model.architecture: imram``.
 
 ``model.pretrained`` names a trained dual encoder (a PCME folder or hub id): IMRAM is built on its
-towers (frozen unless ``model.imram.freeze_towers`` is false) and the recipe uses its processor, so
+towers (those in ``model.imram.frozen_towers`` frozen, default both) and the recipe uses its processor, so
 the re-ranker reads exactly the inputs the dual encoder reads. Without ``pretrained`` the towers are
 built from the recipe as for a PCME model, and trained with IMRAM.
 """
@@ -31,7 +31,7 @@ def build_imram_model(recipe: Recipe, tokenizer: Any = None) -> IMRAMModel:
         dual_encoder = PCMEModel.from_pretrained(recipe.model.pretrained)
         options.setdefault("dual_encoder", recipe.model.pretrained)
     else:
-        options.setdefault("freeze_towers", False)  # new towers must learn
+        options.setdefault("frozen_towers", [])  # new towers must learn
         pcme_recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, architecture="pcme"))
         dual_encoder = build_model(pcme_recipe, tokenizer)
     return IMRAMModel.from_dual_encoder(dual_encoder, **options)

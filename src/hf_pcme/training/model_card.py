@@ -216,6 +216,11 @@ def build_model_card(
 def write_model_card(directory: str | Path, recipe: Recipe, metrics: dict[str, Any] | None = None, **kwargs: Any) -> Path:
     """Build the card (see :func:`build_model_card`) and save it as ``<directory>/README.md``."""
     path = Path(directory) / "README.md"
+    if recipe.model.architecture == "imram":
+        from .model_card_imram import build_imram_model_card
+
+        build_imram_model_card(recipe, metrics, **kwargs).save(path)
+        return path
     build_model_card(recipe, metrics, **kwargs).save(path)
     return path
 
