@@ -38,7 +38,7 @@ from hf_pcme.index import CrossModalIndex, default_metric
 from hf_pcme.rerank import candidate_scores
 from hf_pcme.training.config import load_recipe
 from hf_pcme.training.evaluation import default_scorer, encode_for_scorer
-from hf_pcme.training.rerank_evaluation import (
+from hf_pcme.rerank_evaluation import (
     encode_local_features,
     first_stage_scores,
     metrics_from_matrices,

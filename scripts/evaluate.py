@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                                 num_samples=args.num_samples, **ids)
     first_stage, ranking = None, scorer
     if args.reranker:
-        from hf_pcme.training.rerank_evaluation import load_reranker, rerank_metrics
+        from hf_pcme.rerank_evaluation import load_reranker, rerank_metrics
 
         reranker = load_reranker(args.reranker, model, args.rerank_top_k).to(accelerator.device)
         first_stage = metrics

@@ -14,16 +14,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..modeling_imram import IMRAMModel, LocalFeatures, concat_local_features
-from ..outputs import ProbabilisticEmbedding
-from ..rerank import candidate_scores, check_reranker_fits, rerank
+from .modeling_imram import IMRAMModel, LocalFeatures, concat_local_features
+from .outputs import ProbabilisticEmbedding
+from .rerank import candidate_scores, check_reranker_fits, rerank
 
 @torch.no_grad()
 def encode_local_features(
     reranker: IMRAMModel, processor: Any, view: Any, batch_size: int = 128, device: Any = None, progress_bar: bool = False
 ) -> tuple[LocalFeatures, LocalFeatures]:
     """IMRAM local features of every image and caption of a split (one process)."""
-    from ..data import make_eval_transform
+    from .data import make_eval_transform
 
     device = device or next(reranker.parameters()).device
     was_training = reranker.training
@@ -48,7 +48,7 @@ def encode_local_features(
 def first_stage_scores(model: Any, image_embeds: ProbabilisticEmbedding, text_embeds: ProbabilisticEmbedding,
                        scorer: str, seed: int = 0, num_samples: int = 7) -> torch.Tensor:
     """The dual encoder's ``(N_img, N_txt)`` ranking scores (the scorer the metrics use)."""
-    from ..metrics.scorers import build_scorer
+    from .metrics.scorers import build_scorer
 
     source = build_scorer(
         scorer, image_embeds=image_embeds.mean, text_embeds=text_embeds.mean, image_log_sigma2=image_embeds.log_sigma2,
@@ -70,7 +70,7 @@ def reranked_matrices(first_stage: torch.Tensor, reranker: IMRAMModel, images: L
 def metrics_from_matrices(view: Any, i2t: torch.Tensor, t2i: torch.Tensor, protocol: str | None = None,
                           caption_rows: Any = None) -> dict[str, float]:
     """Retrieval metrics (percent): ``i2t_*`` keys from ``i2t``, ``t2i_*`` from ``t2i``, ``rsum`` recomputed."""
-    from ..metrics import evaluate_retrieval
+    from .metrics import evaluate_retrieval
 
     text_to_image, plausibility = view.text_to_image, view.plausibility
     if caption_rows is not None:
@@ -101,7 +101,7 @@ def load_reranker(path: str, model: Any, rerank_top_k: int) -> IMRAMModel:
     """Load an IMRAM re-ranker for ``model``; a clear ``ValueError`` if it is not one, does not fit, or K is bad."""
     from transformers import AutoConfig
 
-    from ..rerank import check_rerank_top_k
+    from .rerank import check_rerank_top_k
 
     check_rerank_top_k(rerank_top_k)
     try:
