@@ -151,7 +151,7 @@ def test_multi_positive_mask_changes_the_loss(batch):
 @pytest.mark.parametrize(
     "field, value, message",
     [
-        ("head_type", "gaussian", "deterministic, polysemous, probabilistic"),
+        ("head_type", "gaussian", "deterministic, diversified_attention, polysemous, probabilistic"),
         ("loss_type", "triplet", "pcme"),
         ("match_function", "mean", "csd, sampled"),
         ("embed_dim", 0, "embed_dim"),
