@@ -254,3 +254,17 @@ def test_prolip_detach_means_stops_only_the_inclusion_gradient_into_the_means(de
     assert means_unchanged == detach_means
     for k in (1, 3):  # the variances always learn from the inclusion term
         assert not torch.allclose(with_inclusion[k], without[k])
+
+
+def test_uncertainty_lr_multiplier_gets_its_own_groups():
+    from hf_pcme.training.optim import parameter_groups
+
+    model = PCMEModel(tiny_pcme_config(init_log_sigma2=-3.0))
+    branch_ids = {id(p) for name, p in model.named_parameters() if "uncertainty_branch" in name}
+    groups = parameter_groups(model, lr=1.0, weight_decay=0.0, uncertainty_lr_multiplier=10.0)
+    for group in groups:
+        ids = {id(p) for p in group["params"]}
+        assert ids <= branch_ids or not ids & branch_ids
+        assert group["lr"] == (10.0 if ids <= branch_ids else 1.0)
+    assert sum(len(g["params"]) for g in groups if g["lr"] == 10.0) == len(branch_ids)
+    assert len(parameter_groups(model, lr=1.0, weight_decay=0.0)) < len(groups)

@@ -246,7 +246,8 @@ class Trainer:
             protected_token_ids=tuple(getattr(self.processor.tokenizer, "all_special_ids", ())),
         )
         optimizer = build_optimizer(
-            self.model, phase.lr, train.weight_decay, train.tower_lr_multiplier, train.optimizer
+            self.model, phase.lr, train.weight_decay, train.tower_lr_multiplier, train.optimizer,
+            uncertainty_lr_multiplier=train.uncertainty_lr_multiplier,
         )
         scheduler = build_scheduler(optimizer, phase.steps, train.warmup_steps, train.min_lr_ratio)
         self.module, self.optimizer, self.scheduler, self.train_loader = accelerator.prepare(
