@@ -50,6 +50,7 @@ STUDY_RECIPES = {
     "pcmepp_mixup": "shapes_pcmepp_mixup.yaml",
     "pcmepp_dedup": "shapes_pcmepp_dedup.yaml",
     "prolip": "shapes_prolip.yaml",
+    "prolip_dedup": "shapes_prolip_dedup.yaml",
 }
 COLUMNS = ("spearman", "i2t_pmrp", "t2i_pmrp", "mean_pmrp", "rsum", "auroc", "ece")
 
