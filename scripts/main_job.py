@@ -1,19 +1,27 @@
 """The main job: PCME vs a deterministic baseline on the embedded *shapes* data, offline, on a CPU.
 
-    python scripts/main_job.py [--output-dir runs/main_job] [--quick] [--update-readme] [--num-threads 2] [key=value ...]
+    python scripts/main_job.py [--output-dir runs/main_job] [--quick] [--ablations] [--seeds 0 1 2]
+        [--update-readme] [--num-threads 2] [key=value ...]
 
 1. trains PCME (``configs/shapes_pcme.yaml``), PCME++ (``configs/shapes_pcmepp.yaml``: CSD loss
-   with pseudo-positives) and the deterministic baseline (``configs/shapes_deterministic.yaml``),
-   all with the same towers, data and schedule;
+   with pseudo-positives), the ProLIP-style inclusion recipe (``configs/shapes_prolip.yaml``: PCME++
+   plus "image inside caption" and "caption inside word-dropped caption" inclusion terms, issue 12)
+   and the deterministic baseline (``configs/shapes_deterministic.yaml``), all with the same towers,
+   data and schedule; ``--ablations`` adds PCME with frozen sigma (``shapes_pcme_frozen_sigma.yaml``)
+   and a deterministic head trained with PCME++'s loss (``shapes_csd_deterministic.yaml``);
 2. evaluates them on the shapes *test* split: PMRP (exact plausibility) and R@1/5/10 in both
    directions, each ranking by its own score;
 3. saves the PCME model with its processor and model card, reloads it with ``from_pretrained``
    and runs one retrieval through ``pipeline("cross-modal-retrieval")``;
-4. reports, for both probabilistic models, how the learned caption uncertainty (mean sigma^2)
+4. reports, for every probabilistic model, how the learned caption uncertainty (mean sigma^2)
    relates to caption vagueness (the number of test images a caption is plausible for): Spearman
-   correlation, a table per specificity level, and a scatter plot saved next to each model.
+   correlation, a table per specificity level, and a scatter plot saved next to each model; and
+   the analysis of :mod:`hf_pcme.uncertainty` (binned metrics, AUROC of sigma^2 for an R@1
+   failure, calibration of the match probability) with its plots, for every model.
 
-Trailing ``key=value`` arguments override both recipes (e.g. ``train.phase2_epochs=1``). Nothing
+``--seeds 0 1 2`` instead runs the 3-seed study of ``scripts/uncertainty_study.py`` on the same
+recipes (about 4x longer per seed than one main job) and prints its mean +- std table.
+Trailing ``key=value`` arguments override every recipe (e.g. ``train.phase2_epochs=1``). Nothing
 here tunes the data or the metric toward a particular number: the correlation is reported with its
 sign, whatever it is.
 """
@@ -33,11 +41,17 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RECIPES = {
     "pcme": REPO_ROOT / "configs/shapes_pcme.yaml",
     "pcme++": REPO_ROOT / "configs/shapes_pcmepp.yaml",
+    "prolip": REPO_ROOT / "configs/shapes_prolip.yaml",
     "deterministic": REPO_ROOT / "configs/shapes_deterministic.yaml",
+}
+#: Same towers, data and schedule, with one ingredient removed (``--ablations``).
+ABLATIONS = {
+    "pcme_frozen_sigma": REPO_ROOT / "configs/shapes_pcme_frozen_sigma.yaml",
+    "csd_deterministic": REPO_ROOT / "configs/shapes_csd_deterministic.yaml",
 }
 QUICK_OVERRIDES = ["data.options.num_images=300", "data.options.num_eval_images=60", "train.phase2_epochs=1",
                    "eval.max_images=60"]
-PROBABILISTIC = ("pcme", "pcme++")
+PROBABILISTIC = ("pcme", "pcme++", "prolip")
 TABLE_KEYS = ("i2t_pmrp", "t2i_pmrp", "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum")
 LEVEL_NAMES = {0: "exact", 1: "all shapes, no positions", 2: "kind + colour", 3: "one attribute", 4: "some shapes"}
 
@@ -50,10 +64,15 @@ def parse_args() -> argparse.Namespace:
                         help="torch CPU threads (default 2, as for the README's table: results depend on it)")
     parser.add_argument("--update-readme", action="store_true",
                         help="rewrite README.md's results table (between its main-job-table markers) from this run")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides applied to both recipes")
+    parser.add_argument("--ablations", action="store_true",
+                        help="also train PCME with frozen sigma and a deterministic head with PCME++'s loss")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None,
+                        help="run the multi-seed study (scripts/uncertainty_study.py) on these seeds instead")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides applied to every recipe")
     args = parser.parse_args()
-    if args.update_readme and (args.quick or args.overrides):
-        parser.error("--update-readme writes the README's measured table: run the full job, without --quick or overrides.")
+    if args.update_readme and (args.quick or args.overrides or args.ablations or args.seeds):
+        parser.error("--update-readme writes the README's measured table: run the plain full job (no --quick, "
+                     "--ablations, --seeds or overrides).")
     return args
 
 
@@ -72,7 +91,8 @@ def evaluate_on_test(model, processor, test_view, recipe, accelerator) -> dict:
         for level in sorted(set(test_view.caption_specificity.tolist()))
     }
     caption_variance = None if texts.log_sigma2 is None else texts.log_sigma2.exp().mean(-1).cpu().numpy()
-    return {"metrics": metrics, "levels": levels, "caption_variance": caption_variance, "scorer": scorer}
+    return {"metrics": metrics, "levels": levels, "caption_variance": caption_variance, "scorer": scorer,
+            "images": images, "texts": texts}
 
 
 def uncertainty_report(name: str, result: dict, test_view, vagueness: np.ndarray, model_dir: Path) -> dict:
@@ -143,6 +163,7 @@ def main() -> None:
     from hf_pcme.training import load_recipe
     from hf_pcme.training.summary import run_summary
     from hf_pcme.training.trainer import train
+    from hf_pcme.uncertainty import format_uncertainty_report, write_uncertainty_report
 
     # How CPU kernels split their sums depends on the thread count, and with it the last bits of every
     # result: a fixed count (not the machine's core count) makes the numbers reproduce on any machine.
@@ -150,10 +171,17 @@ def main() -> None:
     started = time.perf_counter()
     output_dir = Path(args.output_dir)
     overrides = (QUICK_OVERRIDES if args.quick else []) + list(args.overrides)
+    recipes = {**RECIPES, **(ABLATIONS if args.ablations else {})}
+    if args.seeds is not None:
+        from uncertainty_study import main as study
+
+        study(["--recipes", *recipes, "--seeds", *map(str, args.seeds), "--output-dir", str(output_dir / "study"),
+               *(["--quick"] if args.quick else []), *args.overrides])
+        return
 
     results: dict[str, dict] = {}
     trained = {}
-    for name, recipe_path in RECIPES.items():
+    for name, recipe_path in recipes.items():
         recipe = load_recipe(recipe_path, [f"output_dir={output_dir / name}", *overrides])
         print(f"\n=== training {name} ({recipe_path.name}) ===", flush=True)
         result = train(recipe)
@@ -173,13 +201,21 @@ def main() -> None:
         name: uncertainty_report(name, results[name], test_view, vagueness, trained[name][0].output_dir)
         for name in PROBABILISTIC
     }
+    analysis = {}
+    for name, values in results.items():
+        report = write_uncertainty_report(trained[name][0].output_dir / "uncertainty", trained[name][0].model,
+                                          test_view, values["images"], values["texts"], scorer=values["scorer"],
+                                          name=name)
+        print("\n" + format_uncertainty_report(report))
+        analysis[name] = report.to_dict()
     print("\ncaption -> image PMRP per specificity level")
     print(f"  {'level':<6}" + "".join(f"{name:>15}" for name in results))
     for level in results["deterministic"]["levels"]:
         print(f"  {level:<6}" + "".join(f"{results[name]['levels'][level]['t2i_pmrp']:>15.2f}" for name in results))
     pmrp = {name: (values["metrics"]["i2t_pmrp"] + values["metrics"]["t2i_pmrp"]) / 2 for name, values in results.items()}
     print("\nPMRP (mean of both directions): " + ", ".join(f"{name} {value:.2f}" for name, value in pmrp.items())
-          + f"; PCME - deterministic = {pmrp['pcme'] - pmrp['deterministic']:+.2f}")
+          + "; vs deterministic: " + ", ".join(f"{name} {pmrp[name] - pmrp['deterministic']:+.2f}"
+                                                for name in pmrp if name != "deterministic"))
 
     pcme_dir = trained["pcme"][0].output_dir
     print(f"\n=== reloading {pcme_dir} with from_pretrained and retrieving with the pipeline ===")
@@ -202,6 +238,7 @@ def main() -> None:
         "per_level_t2i_pmrp": {name: {level: m["t2i_pmrp"] for level, m in values["levels"].items()}
                                for name, values in results.items()},
         "uncertainty_vs_vagueness": uncertainty,
+        "uncertainty_analysis": analysis,
         "quick": args.quick,
         "environment": {**environment(), "torch threads": str(torch.get_num_threads())},
         "seconds": time.perf_counter() - started,

@@ -2,6 +2,7 @@
 
     python scripts/uncertainty_study.py [--recipes pcme pcme++ ...] [--seeds 0 1 2] [--output-dir runs/study]
                                         [--quick] [key=value ...]
+    python scripts/uncertainty_study.py --merge runs/a/results.json runs/b/results.json   (one table of several runs)
 
 For each recipe (``configs/shapes_<name>.yaml``) and seed (the model's ``seed``; the data, and so the
 test split, stay those of the recipe) it trains, evaluates on the shapes *test* split, and reports
@@ -9,7 +10,7 @@ test split, stay those of the recipe) it trains, evaluates on the shapes *test* 
 - Spearman(caption sigma^2, vagueness): vagueness = plausible test images per caption (exact labels);
 - PMRP i2t / t2i and RSUM (each model ranked by its own score);
 - AUROC of caption sigma^2 as a predictor of the caption's t2i R@1 failure, and ECE of the match
-  probability against exact plausibility, when ``hf_pcme.uncertainty`` (issue 12, part 1) is present;
+  probability against exact plausibility (:func:`hf_pcme.uncertainty.compute_uncertainty_report`);
 
 then prints the mean +- std over seeds as a markdown table and writes every number to
 ``results.json``. Deterministic recipes have no sigma: their uncertainty columns are empty. Trailing
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import math
 import sys
@@ -35,6 +35,7 @@ import hf_pcme  # noqa: F401
 from hf_pcme.data import load_dataset_by_name, make_retrieval_split
 from hf_pcme.training import load_recipe
 from hf_pcme.training.trainer import train
+from hf_pcme.uncertainty import compute_uncertainty_report
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from main_job import QUICK_OVERRIDES, REPO_ROOT, evaluate_on_test  # noqa: E402
@@ -49,6 +50,7 @@ STUDY_RECIPES = {
     "pcmepp_mixup": "shapes_pcmepp_mixup.yaml",
     "pcmepp_dedup": "shapes_pcmepp_dedup.yaml",
     "prolip": "shapes_prolip.yaml",
+    "prolip_dedup": "shapes_prolip_dedup.yaml",
 }
 COLUMNS = ("spearman", "i2t_pmrp", "t2i_pmrp", "mean_pmrp", "rsum", "auroc", "ece")
 
@@ -60,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="model seeds (default 0 1 2)")
     parser.add_argument("--output-dir", default="runs/uncertainty_study")
     parser.add_argument("--quick", action="store_true", help="tiny data and one epoch: a smoke run, not a measurement")
+    parser.add_argument("--merge", nargs="+", metavar="RESULTS_JSON",
+                        help="train nothing: print one table of the rows of these results.json files")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides applied to every recipe")
     return parser.parse_args(argv)
 
@@ -73,16 +77,14 @@ def recipe_path(name: str) -> Path:
     return path
 
 
-def optional_uncertainty_metrics(result: dict, test_view, model) -> dict[str, float]:
-    """AUROC (sigma^2 vs t2i R@1 failure) and ECE of the match probability, from ``hf_pcme.uncertainty`` if present."""
-    if importlib.util.find_spec("hf_pcme.uncertainty") is None:
-        return {}
-    from hf_pcme import uncertainty
-
-    values: dict[str, float] = {}
-    compute = getattr(uncertainty, "study_metrics", None)
-    if compute is not None:
-        values.update(compute(result, test_view, model))
+def uncertainty_metrics(name: str, result: dict, test_view, model) -> dict[str, float]:
+    """AUROC of caption sigma^2 for a t2i R@1 failure, and ECE of p(match) against exact plausibility."""
+    report = compute_uncertainty_report(model, test_view, result["images"], result["texts"], scorer=result["scorer"],
+                                        name=name)
+    values = {"ece": float(report.calibration.ece)}
+    auroc = report.failure_auroc.get("t2i")
+    if auroc is not None:
+        values["auroc"] = float(auroc)
     return values
 
 
@@ -102,7 +104,7 @@ def run_one(name: str, seed: int, overrides: list[str], output_dir: Path, test_v
         row["sigma2_min"], row["sigma2_max"] = float(variance.min()), float(variance.max())
         row["sigma2_per_level"] = {int(level): float(variance[test_view.caption_specificity == level].mean())
                                    for level in sorted(set(test_view.caption_specificity.tolist()))}
-        row.update(optional_uncertainty_metrics(result, test_view, trained.model))
+    row.update(uncertainty_metrics(name, result, test_view, trained.model))
     del trained, result
     gc.collect()
     return row
@@ -120,9 +122,10 @@ def summarise(rows: list[dict], names: list[str]) -> dict[str, dict[str, tuple[f
     return table
 
 
-def markdown_table(table: dict) -> str:
-    header = "| recipe | " + " | ".join(COLUMNS) + " |"
-    lines = [header, "|" + "---|" * (len(COLUMNS) + 1)]
+def markdown_table(table: dict, counts: bool = False) -> str:
+    """Mean ± std per recipe and column; with ``counts`` a last column gives the number of seeds."""
+    header = "| recipe | " + " | ".join(COLUMNS) + (" | seeds |" if counts else " |")
+    lines = [header, "|" + "---|" * (len(COLUMNS) + 1 + counts)]
     for name, columns in table.items():
         cells = []
         for column in COLUMNS:
@@ -133,12 +136,22 @@ def markdown_table(table: dict) -> str:
                              else f"{mean:.{digits}f} ± {std:.{digits}f}")
             else:
                 cells.append("–")
+        if counts:
+            cells.append(str(max((count for _, _, count in columns.values()), default=0)))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.merge:
+        rows = [row for path in args.merge for row in json.loads(Path(path).read_text())["rows"]]
+        names = list(dict.fromkeys(name for name in [*STUDY_RECIPES, *(row["recipe"] for row in rows)]
+                                   if any(row["recipe"] == name for row in rows)))
+        seeds = sorted({row["seed"] for row in rows})
+        print(f"{len(rows)} runs (seeds {seeds}) from {len(args.merge)} file(s)\n")
+        print(markdown_table(summarise(rows, names), counts=True))
+        return
     output_dir = Path(args.output_dir)
     overrides = (QUICK_OVERRIDES if args.quick else []) + list(args.overrides)
     started = time.perf_counter()

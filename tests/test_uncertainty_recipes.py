@@ -233,3 +233,38 @@ def test_frozen_uncertainty_keeps_log_sigma2_constant_after_a_step():
         image = model.get_image_features(pixels)
     assert torch.allclose(text.log_sigma2, torch.full_like(text.log_sigma2, -3.0))
     assert torch.allclose(image.log_sigma2, torch.full_like(image.log_sigma2, -3.0))
+
+
+@pytest.mark.parametrize("detach_means", [True, False])
+def test_prolip_detach_means_stops_only_the_inclusion_gradient_into_the_means(detach_means):
+    image_mean, image_log = _gaussians(2, 10)
+    text_mean, text_log = _gaussians(2, 11)
+
+    def gradients(weight: float) -> list[torch.Tensor]:
+        leaves = [t.clone().requires_grad_() for t in (image_mean, image_log, text_mean, text_log)]
+        loss = build_loss("prolip", vib_beta=0.0, pseudo_positive_weight=0.0, image_inclusion_weight=weight,
+                          partial_inclusion_weight=0.0, detach_means=detach_means)
+        output = loss(ProbabilisticEmbedding(mean=leaves[0], log_sigma2=leaves[1]),
+                      ProbabilisticEmbedding(mean=leaves[2], log_sigma2=leaves[3]),
+                      negative_scale=torch.tensor(1.0), shift=torch.tensor(0.0))
+        return list(torch.autograd.grad(output.loss, leaves))
+
+    with_inclusion, without = gradients(1.0), gradients(0.0)
+    means_unchanged = all(torch.allclose(with_inclusion[k], without[k], rtol=0, atol=1e-12) for k in (0, 2))
+    assert means_unchanged == detach_means
+    for k in (1, 3):  # the variances always learn from the inclusion term
+        assert not torch.allclose(with_inclusion[k], without[k])
+
+
+def test_uncertainty_lr_multiplier_gets_its_own_groups():
+    from hf_pcme.training.optim import parameter_groups
+
+    model = PCMEModel(tiny_pcme_config(init_log_sigma2=-3.0))
+    branch_ids = {id(p) for name, p in model.named_parameters() if "uncertainty_branch" in name}
+    groups = parameter_groups(model, lr=1.0, weight_decay=0.0, uncertainty_lr_multiplier=10.0)
+    for group in groups:
+        ids = {id(p) for p in group["params"]}
+        assert ids <= branch_ids or not ids & branch_ids
+        assert group["lr"] == (10.0 if ids <= branch_ids else 1.0)
+    assert sum(len(g["params"]) for g in groups if g["lr"] == 10.0) == len(branch_ids)
+    assert len(parameter_groups(model, lr=1.0, weight_decay=0.0)) < len(groups)

@@ -82,13 +82,18 @@ class InclusionCSDLoss(nn.Module):
 
     Departures from ProLIP: ProLIP's matching loss is a SigLIP-like sigmoid loss on CSD, here it is
     PCME++'s (with its VIB and pseudo-positives); ProLIP also masks image patches (a CNN tower has
-    none here: only captions are word-dropped); see :func:`inclusion_loss` for the measure.
+    none here: only captions are word-dropped); see :func:`inclusion_loss` for the measure. With
+    ``detach_means`` (our default) the inclusion terms train only the variances: the means get
+    their gradient from the matching loss alone. Measured on shapes (docs/uncertainty.md): with
+    gradients into the means, the ``1 / s`` weight of the inclusion term (``s`` ~ sigma^2, small)
+    overwhelms the matching loss and retrieval collapses.
 
     Args:
         vib_beta, pseudo_positive_weight: as :class:`~.loss_csd.ClosedFormSampledDistanceLoss`.
         image_inclusion_weight: weight of ``incl(image in caption)`` over positive pairs.
         partial_inclusion_weight: weight of ``incl(caption in word-dropped caption)``.
         gamma: sharpening of the inner Gaussian in the inclusion measure.
+        detach_means: stop the inclusion terms' gradient into the means (only variances learn from them).
 
     Reference: Chun et al., "Probabilistic Language-Image Pre-Training", ICLR 2025.
     """
@@ -102,6 +107,7 @@ class InclusionCSDLoss(nn.Module):
         image_inclusion_weight: float = 0.1,
         partial_inclusion_weight: float = 0.1,
         gamma: float = 10.0,
+        detach_means: bool = True,
     ):
         super().__init__()
         if gamma <= 0 or not math.isfinite(gamma):
@@ -110,10 +116,15 @@ class InclusionCSDLoss(nn.Module):
         self.image_inclusion_weight = image_inclusion_weight
         self.partial_inclusion_weight = partial_inclusion_weight
         self.gamma = gamma
+        self.detach_means = detach_means
 
     def extra_repr(self) -> str:
         return (f"image_inclusion_weight={self.image_inclusion_weight}, "
-                f"partial_inclusion_weight={self.partial_inclusion_weight}, gamma={self.gamma}")
+                f"partial_inclusion_weight={self.partial_inclusion_weight}, gamma={self.gamma}, "
+                f"detach_means={self.detach_means}")
+
+    def _mean(self, mean: torch.Tensor) -> torch.Tensor:
+        return mean.detach() if self.detach_means else mean
 
     def forward(
         self,
@@ -139,8 +150,8 @@ class InclusionCSDLoss(nn.Module):
         if self.image_inclusion_weight:
             rows, columns = mask.nonzero(as_tuple=True)
             if rows.numel():
-                incl = inclusion_loss(image_mean[rows], image_log_sigma2[rows], text_mean[columns],
-                                      text_log_sigma2[columns], self.gamma)
+                incl = inclusion_loss(self._mean(image_mean)[rows], image_log_sigma2[rows],
+                                      self._mean(text_mean)[columns], text_log_sigma2[columns], self.gamma)
                 terms["image_inclusion"] = self.image_inclusion_weight * incl.mean()
         if self.partial_inclusion_weight and partial_text is not None:
             if partial_source is None:
@@ -152,8 +163,9 @@ class InclusionCSDLoss(nn.Module):
                 raise ValueError(f"partial_text {tuple(outer_mean.shape)} and partial_source "
                                  f"{tuple(inner_mean.shape)} must have the same shape (one row per caption).")
             if inner_mean.shape[0]:
-                incl = inclusion_loss(inner_mean, require_log_sigma2(partial_source, "partial_source", "prolip"),
-                                      outer_mean, require_log_sigma2(partial_text, "partial_text", "prolip"),
-                                      self.gamma)
+                incl = inclusion_loss(self._mean(inner_mean),
+                                      require_log_sigma2(partial_source, "partial_source", "prolip"),
+                                      self._mean(outer_mean),
+                                      require_log_sigma2(partial_text, "partial_text", "prolip"), self.gamma)
                 terms["partial_inclusion"] = self.partial_inclusion_weight * incl.mean()
         return loss_output(terms)

@@ -144,8 +144,10 @@ class TrainRecipe:
     ``duplicate_caption_positives`` makes captions with identical text positives of each other's
     images; ``mix_batch_ratio`` mixes that fraction of the images (PCME++ mixup / cutmix, soft
     targets); ``partial_caption_ratio`` / ``word_drop_prob`` make word-dropped captions for the
-    ``prolip`` inclusion loss.
-    reach the loss). ``modality_classifier`` adds GPLDAN's adversarial modality classifier (see
+    ``prolip`` inclusion loss; ``uncertainty_lr_multiplier`` scales the learning rate of the
+    heads' uncertainty branches.
+
+    ``modality_classifier`` adds GPLDAN's adversarial modality classifier (see
     ``hf_pcme.training.adversarial``): gradient-reversal coefficient ``modality_classifier_weight``
     (default 1) reached over ``modality_classifier_ramp_steps`` forward passes (schedule ``dann``) or
     at once (``constant``).
@@ -185,6 +187,7 @@ class TrainRecipe:
     mix_batch_ratio: float = 0.0
     partial_caption_ratio: float = 0.0
     word_drop_prob: float = 0.5
+    uncertainty_lr_multiplier: float = 1.0
     modality_classifier: bool = False
     modality_classifier_hidden_dim: int = 64
     modality_classifier_weight: float | None = None
@@ -377,6 +380,7 @@ def _validate_values(recipe: Recipe) -> None:
         "train.lr": recipe.train.lr,
         "train.phase2_lr_multiplier": recipe.train.phase2_lr_multiplier,
         "train.tower_lr_multiplier": recipe.train.tower_lr_multiplier,
+        "train.uncertainty_lr_multiplier": recipe.train.uncertainty_lr_multiplier,
         "train.weight_decay": recipe.train.weight_decay,
         "train.warmup_steps": recipe.train.warmup_steps,
         "train.phase1_epochs": recipe.train.phase1_epochs,

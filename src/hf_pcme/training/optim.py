@@ -99,27 +99,31 @@ def apply_frozen_eval_mode(model: nn.Module) -> None:
 
 
 def parameter_groups(
-    model: nn.Module, lr: float, weight_decay: float, tower_lr_multiplier: float = 1.0
+    model: nn.Module, lr: float, weight_decay: float, tower_lr_multiplier: float = 1.0,
+    uncertainty_lr_multiplier: float = 1.0,
 ) -> list[dict]:
-    """Trainable parameters in up to four groups: (towers | rest) x (decayed | not decayed).
+    """Trainable parameters in groups: (towers | uncertainty branches | rest) x (decayed | not decayed).
 
     Biases, normalisation weights and scalars (``a``, ``b``) are not decayed; tower parameters
-    use ``lr * tower_lr_multiplier``.
+    use ``lr * tower_lr_multiplier``, the heads' uncertainty branches ``lr * uncertainty_lr_multiplier``.
     """
+    from ..heads import UncertaintyBranch
+
     tower_ids = {id(p) for module in tower_modules(model, TOWER_ATTRIBUTES) for p in module.parameters()}
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    # Without a multiplier of their own, the uncertainty branches stay in the groups of the rest.
+    uncertainty_ids = {id(p) for module in model.modules() if isinstance(module, UncertaintyBranch)
+                       for p in module.parameters()} if uncertainty_lr_multiplier != 1.0 else set()
+    groups: dict[tuple[int, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         no_decay = param.dim() < 2 or name.endswith(".bias")
-        groups.setdefault((id(param) in tower_ids, no_decay), []).append(param)
+        kind = 1 if id(param) in tower_ids else 2 if id(param) in uncertainty_ids else 0
+        groups.setdefault((kind, no_decay), []).append(param)
+    multipliers = {0: 1.0, 1: tower_lr_multiplier, 2: uncertainty_lr_multiplier}
     return [
-        {
-            "params": params,
-            "lr": lr * (tower_lr_multiplier if is_tower else 1.0),
-            "weight_decay": 0.0 if no_decay else weight_decay,
-        }
-        for (is_tower, no_decay), params in sorted(groups.items())
+        {"params": params, "lr": lr * multipliers[kind], "weight_decay": 0.0 if no_decay else weight_decay}
+        for (kind, no_decay), params in sorted(groups.items())
     ]
 
 
@@ -129,9 +133,10 @@ def build_optimizer(
     weight_decay: float = 0.0,
     tower_lr_multiplier: float = 1.0,
     name: str = "auto",
+    uncertainty_lr_multiplier: float = 1.0,
 ) -> torch.optim.Optimizer:
     """AdamP (``name="adamp"``, or ``"auto"`` when installed) or AdamW over the trainable parameters."""
-    groups = parameter_groups(model, lr, weight_decay, tower_lr_multiplier)
+    groups = parameter_groups(model, lr, weight_decay, tower_lr_multiplier, uncertainty_lr_multiplier)
     if not groups:
         raise ValueError("The model has no trainable parameters in this phase; check train.phase1_frozen.")
     if name == "adamp" or (name == "auto" and adamp_available()):

@@ -247,7 +247,8 @@ class Trainer:
         classifier = getattr(self, "modality_classifier", None)
         module = build_training_module(self.model, train, processor=self.processor, modality_classifier=classifier)
         optimizer = build_optimizer(
-            self.model, phase.lr, train.weight_decay, train.tower_lr_multiplier, train.optimizer
+            self.model, phase.lr, train.weight_decay, train.tower_lr_multiplier, train.optimizer,
+            uncertainty_lr_multiplier=train.uncertainty_lr_multiplier,
         )
         if classifier is not None:  # trained with the model, saved only in the training checkpoints
             optimizer.add_param_group({"params": list(classifier.parameters()), "lr": phase.lr, "weight_decay": 0.0})
