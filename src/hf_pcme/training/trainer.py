@@ -241,7 +241,8 @@ class Trainer:
         freeze_towers(self.model, phase.frozen)
         module = ContrastiveTrainingModule(
             self.model, diagonal_positives_only=train.diagonal_positives_only,
-            duplicate_caption_positives=train.duplicate_caption_positives, mix_batch_ratio=train.mix_batch_ratio,
+            duplicate_caption_positives=train.duplicate_caption_positives,
+            duplicate_caption_inclusion=train.duplicate_caption_inclusion, mix_batch_ratio=train.mix_batch_ratio,
             partial_caption_ratio=train.partial_caption_ratio, word_drop_prob=train.word_drop_prob,
             protected_token_ids=tuple(getattr(self.processor.tokenizer, "all_special_ids", ())),
         )
