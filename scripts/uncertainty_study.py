@@ -51,6 +51,7 @@ STUDY_RECIPES = {
     "pcmepp_dedup": "shapes_pcmepp_dedup.yaml",
     "prolip": "shapes_prolip.yaml",
     "prolip_dedup": "shapes_prolip_dedup.yaml",
+    "prolip_dupincl": "shapes_prolip_dupincl.yaml",
 }
 COLUMNS = ("spearman", "i2t_pmrp", "t2i_pmrp", "mean_pmrp", "rsum", "auroc", "ece")
 

@@ -4,6 +4,7 @@ positives and the frozen-sigma ablation, each against values computed independen
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,8 +16,11 @@ from hf_pcme.losses import build_loss
 from hf_pcme.outputs import ProbabilisticEmbedding
 from hf_pcme.testing import tiny_pcme_config
 from hf_pcme.training.augment import caption_keys, drop_words, duplicate_caption_mask, mix_images
+from hf_pcme.training.config import load_recipe
 from hf_pcme.training.module import ContrastiveTrainingModule
 from hf_pcme.training.optim import freeze_uncertainty
+
+REPO = Path(__file__).resolve().parent.parent
 
 DIM = 4
 
@@ -103,6 +107,34 @@ def test_prolip_loss_is_csd_plus_weighted_inclusion_terms():
     assert output.components["image_inclusion"].item() == pytest.approx(0.5 * image_term, rel=1e-9)
     assert output.components["partial_inclusion"].item() == pytest.approx(0.25 * partial_term, rel=1e-9)
     assert output.loss.item() == pytest.approx(matching + 0.5 * image_term + 0.25 * partial_term, rel=1e-9)
+
+
+def test_inclusion_mask_replaces_the_positives_in_the_image_inclusion_term_only():
+    image_mean, image_log = _gaussians(3, 7)
+    text_mean, text_log = _gaussians(3, 8)
+    positives = torch.eye(3, dtype=torch.bool)
+    included = torch.tensor([[1, 0, 1], [0, 1, 0], [1, 0, 1]], dtype=torch.bool)  # captions 0 and 2 share a text
+    a, b = torch.tensor(2.0), torch.tensor(1.0)
+    loss = build_loss("prolip", vib_beta=0.0, pseudo_positive_weight=0.0, image_inclusion_weight=1.0,
+                      partial_inclusion_weight=0.0, gamma=4.0)
+    image = ProbabilisticEmbedding(mean=image_mean, log_sigma2=image_log)
+    text = ProbabilisticEmbedding(mean=text_mean, log_sigma2=text_log)
+    output = loss(image, text, positives, negative_scale=a, shift=b, inclusion_mask=included)
+
+    def incl(i, j):
+        s = image_log[i].exp() / 4.0 + text_log[j].exp()
+        return float((0.5 * (s.log() + (image_mean[i] - text_mean[j]).pow(2) / s)).mean())
+
+    pairs = [(0, 0), (0, 2), (1, 1), (2, 0), (2, 2)]
+    assert output.components["image_inclusion"].item() == pytest.approx(sum(incl(i, j) for i, j in pairs) / 5, rel=1e-9)
+    matching = _brute_csd_loss(image_mean, image_log.exp(), text_mean, text_log.exp(), positives.double(), 2.0, 1.0)
+    assert output.components["matching"].item() == pytest.approx(matching, rel=1e-9)
+
+
+def test_duplicate_caption_inclusion_needs_the_prolip_loss():
+    with pytest.raises(ValueError, match="duplicate_caption_inclusion"):
+        load_recipe(REPO / "configs" / "shapes_pcmepp.yaml", ["train.duplicate_caption_inclusion=true"])
+    assert load_recipe(REPO / "configs" / "shapes_prolip_dupincl.yaml").train.duplicate_caption_inclusion
 
 
 def test_prolip_loss_refuses_partial_text_without_its_source():

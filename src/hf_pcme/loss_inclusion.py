@@ -69,14 +69,16 @@ class InclusionCSDLoss(nn.Module):
     ::
 
         L = L_pcme++(image, text)                                       (matching + VIB + pseudo-positives)
-          + image_inclusion_weight   * mean over positive pairs (i, j) of incl(image_i  in text_j)
+          + image_inclusion_weight   * mean over included pairs (i, j) of incl(image_i  in text_j)
           + partial_inclusion_weight * mean over rows k of             incl(text_k   in partial_text_k)
 
     with ``incl`` = :func:`inclusion_loss`. ``partial_text`` are the embeddings of word-dropped
     versions of the captions ``partial_source`` (the full captions they were made from, row for
     row): a caption with words removed says less, so its Gaussian must contain the full caption's
     (ProLIP: "masked inputs include the original"). ``image in text``: a caption describes a set
-    of images, so its Gaussian must contain its images'. Both directions as in ProLIP; the
+    of images, so its Gaussian must contain its images'. The included pairs are the positive pairs,
+    or ``inclusion_mask`` when given (e.g. every image whose training caption has the same text:
+    ``train.duplicate_caption_inclusion``). Both directions as in ProLIP; the
     training module makes the partial captions (``train.partial_caption_ratio``,
     ``train.word_drop_prob``).
 
@@ -138,6 +140,7 @@ class InclusionCSDLoss(nn.Module):
         soft_targets: torch.Tensor | None = None,
         partial_text: ProbabilisticEmbedding | None = None,
         partial_source: ProbabilisticEmbedding | None = None,
+        inclusion_mask: torch.Tensor | None = None,
     ) -> LossOutput:
         image_mean = require_single_mean(image, "image", "prolip")
         text_mean = require_single_mean(text, "text", "prolip")
@@ -148,7 +151,9 @@ class InclusionCSDLoss(nn.Module):
         targets = mask if soft_targets is None else check_soft_targets(soft_targets, mask)
         terms = self.csd.csd_terms(image, text, targets, mask, a, b)
         if self.image_inclusion_weight:
-            rows, columns = mask.nonzero(as_tuple=True)
+            included = mask if inclusion_mask is None else resolve_positive_mask(
+                inclusion_mask, image_mean.shape[0], text_mean.shape[0], image_mean.device)
+            rows, columns = included.nonzero(as_tuple=True)
             if rows.numel():
                 incl = inclusion_loss(self._mean(image_mean)[rows], image_log_sigma2[rows],
                                       self._mean(text_mean)[columns], text_log_sigma2[columns], self.gamma)

@@ -157,6 +157,7 @@ def build_training_module(model: Any, train_recipe: Any, processor: Any = None, 
     return ContrastiveTrainingModule(
         model, diagonal_positives_only=train_recipe.diagonal_positives_only,
         duplicate_caption_positives=train_recipe.duplicate_caption_positives,
+        duplicate_caption_inclusion=train_recipe.duplicate_caption_inclusion,
         mix_batch_ratio=train_recipe.mix_batch_ratio, partial_caption_ratio=train_recipe.partial_caption_ratio,
         word_drop_prob=train_recipe.word_drop_prob,
         protected_token_ids=tuple(getattr(tokenizer, "all_special_ids", ())),

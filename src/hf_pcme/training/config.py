@@ -142,7 +142,8 @@ class TrainRecipe:
     Uncertainty recipes (``hf_pcme.training.augment``, issue 12): ``freeze_uncertainty`` fixes every
     log variance at ``model.init_log_sigma2`` (the "without uncertainty" ablation);
     ``duplicate_caption_positives`` makes captions with identical text positives of each other's
-    images; ``mix_batch_ratio`` mixes that fraction of the images (PCME++ mixup / cutmix, soft
+    images; ``duplicate_caption_inclusion`` does so for the ``prolip`` inclusion term only (the
+    matching loss keeps its positives); ``mix_batch_ratio`` mixes that fraction of the images (PCME++ mixup / cutmix, soft
     targets); ``partial_caption_ratio`` / ``word_drop_prob`` make word-dropped captions for the
     ``prolip`` inclusion loss; ``uncertainty_lr_multiplier`` scales the learning rate of the
     heads' uncertainty branches.
@@ -184,6 +185,7 @@ class TrainRecipe:
     stop_after_steps: int | None = None
     freeze_uncertainty: bool = False
     duplicate_caption_positives: bool = False
+    duplicate_caption_inclusion: bool = False
     mix_batch_ratio: float = 0.0
     partial_caption_ratio: float = 0.0
     word_drop_prob: float = 0.5
@@ -400,6 +402,10 @@ def _validate_values(recipe: Recipe) -> None:
             raise ValueError(f"Recipe key 'train.{key}' must be in [0, 1], got {getattr(recipe.train, key)}.")
     if not 0.0 <= recipe.train.word_drop_prob < 1.0:
         raise ValueError(f"Recipe key 'train.word_drop_prob' must be in [0, 1), got {recipe.train.word_drop_prob}.")
+    if recipe.train.duplicate_caption_inclusion and recipe.model.loss_type != "prolip":
+        raise ValueError("Recipe key 'train.duplicate_caption_inclusion' acts on the inclusion term of "
+                         f"model.loss_type 'prolip', but the loss is {recipe.model.loss_type!r}: use loss_type "
+                         "prolip or remove the key.")
     if recipe.train.freeze_uncertainty and recipe.model.head_type != "probabilistic":
         raise ValueError("Recipe key 'train.freeze_uncertainty' needs model.head_type 'probabilistic' "
                          f"(a {recipe.model.head_type!r} head has no variance).")

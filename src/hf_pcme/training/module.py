@@ -40,7 +40,9 @@ class ContrastiveTrainingModule(nn.Module):
 
     Options that give the uncertainty a training signal (all off by default; see
     :mod:`.augment`): ``duplicate_caption_positives`` (identical caption text = positives of each
-    other's images), ``mix_batch_ratio`` (PCME++ mixup / cutmix of that fraction of the images with
+    other's images), ``duplicate_caption_inclusion`` (the same, for the inclusion term of the
+    ``prolip`` loss only: a caption's Gaussian must contain every image whose caption has its text,
+    while the matching loss keeps the usual positives), ``mix_batch_ratio`` (PCME++ mixup / cutmix of that fraction of the images with
     soft targets; losses that take ``soft_targets``), ``partial_caption_ratio`` (that fraction of the
     captions is also embedded word-dropped, each word removed with ``word_drop_prob``, and passed to
     the loss as ``partial_text`` / ``partial_source`` for ProLIP's inclusion loss).
@@ -52,6 +54,7 @@ class ContrastiveTrainingModule(nn.Module):
         diagonal_positives_only: bool = False,
         *,
         duplicate_caption_positives: bool = False,
+        duplicate_caption_inclusion: bool = False,
         mix_batch_ratio: float = 0.0,
         partial_caption_ratio: float = 0.0,
         word_drop_prob: float = 0.5,
@@ -62,6 +65,7 @@ class ContrastiveTrainingModule(nn.Module):
         self.model = model
         self.diagonal_positives_only = diagonal_positives_only
         self.duplicate_caption_positives = duplicate_caption_positives
+        self.duplicate_caption_inclusion = duplicate_caption_inclusion
         self.mix_batch_ratio = mix_batch_ratio
         self.partial_caption_ratio = partial_caption_ratio
         self.word_drop_prob = word_drop_prob
@@ -95,6 +99,12 @@ class ContrastiveTrainingModule(nn.Module):
             else:
                 positive_mask = positive_mask_from_ids(all_ids)
         loss_inputs = {}
+        if self.duplicate_caption_inclusion and image_ids is not None:
+            # Only the inclusion term sees identical texts as covering each other's images: the matching
+            # loss keeps its positives, so a vague caption is widened without being pulled onto every image.
+            loss_inputs["inclusion_mask"] = duplicate_caption_mask(
+                gather_tensor(image_ids), gather_tensor(caption_keys(input_ids, full_mask))
+            )
         if self.mix_batch_ratio:
             if not is_single_process():  # the soft targets would need the partners of other processes
                 raise ValueError("train.mix_batch_ratio is only supported in a single process.")

@@ -48,7 +48,6 @@ from .config import Recipe
 from .data import load_splits, make_batch_sampler, make_training_rows, select_first_images
 from .evaluation import evaluate_model
 from .model_card import write_model_card
-from .module import ContrastiveTrainingModule
 from .optim import build_optimizer, build_scheduler, freeze_towers, freeze_uncertainty
 from .tracking import JsonLinesTracker, make_trackers
 
