@@ -43,24 +43,20 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .distances import (
-    as_embedding_rows,
-    best_pair_scores,
-    chunked_pairwise,
-    item_search_vectors,
-    iter_row_chunks,
-    query_search_vectors,
-)
+from .distances import best_pair_scores, chunked_pairwise, iter_row_chunks
 from .heads import MULTI_EMBEDDING_HEADS
 from .outputs import ProbabilisticEmbedding
 from .registry import check_choice
+from .scoring import SCORES, SEARCH_SCORES, as_embedding_rows, default_search_score
+from .scoring import item_search_vectors, query_search_vectors  # noqa: F401  (old public names)
 
 try:  # optional: the torch back end works without it (extra `hf_pcme[faiss]`)
     import faiss
 except ImportError:  # pragma: no cover - exercised only where faiss is missing
     faiss = None
 
-METRICS = ("cosine", "csd")
+#: The scores an index searches exactly (``hf_pcme.scoring.SEARCH_SCORES``).
+METRICS = SEARCH_SCORES
 BACKENDS = ("torch", "faiss")
 FAISS_INDEX_TYPES = ("flat", "ivf")
 MODALITIES = ("text", "image")
@@ -118,21 +114,17 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 
 def default_metric(model: torch.nn.Module) -> str:
-    """The ranking metric that matches how a model was trained.
+    """The search score that matches how a model was trained: ``hf_pcme.scoring.default_search_score``.
 
     ``"csd"`` for probabilistic heads trained with the closed-form distance (PCME++,
     ``match_function="csd"``), ``"cosine"`` otherwise (PCME ranks by the inner product of the
     sample means, VSE++ / InfoNCE / PVSE by the cosine).
     """
-    config = getattr(model, "config", None)
-    if getattr(config, "head_type", None) == "probabilistic" and getattr(config, "match_function", None) == "csd":
-        return "csd"
-    return "cosine"
+    return default_search_score(getattr(model, "config", None))
 
 
 def _means_from_search_vectors(vectors: torch.Tensor, metric: str) -> torch.Tensor:
-    # 2 * mu / 2 is exact in floating point, so nothing is lost by storing only the search vectors.
-    return vectors if metric == "cosine" else vectors[..., :-1] * 0.5
+    return SCORES[metric]().means_from_item_vectors(vectors)
 
 
 # ---------------------------------------------------------------------------- results
@@ -302,7 +294,7 @@ class CrossModalIndex:
             faiss_index, nlist = _build_faiss_index(mean.cpu(), log_sigma2, metric, faiss_index_type, nlist, nprobe)
         else:
             mean = mean.to(device) if device is not None else mean
-            vectors = item_search_vectors(mean, log_sigma2.to(mean.device) if log_sigma2 is not None else None, metric)
+            vectors = SCORES[metric]().item_vectors(mean, log_sigma2.to(mean.device) if log_sigma2 is not None else None)
         del mean
         return cls(
             vectors=vectors.contiguous() if vectors is not None else None,
@@ -414,7 +406,7 @@ class CrossModalIndex:
     @property
     def search_dim(self) -> int:
         """D' = D (cosine) or D + 1 (CSD): the size of the vectors actually searched."""
-        return self.embed_dim + (1 if self.metric == "csd" else 0)
+        return self.embed_dim + (SCORES[self.metric].extra_dims)
 
     def nbytes(self) -> int:
         """Bytes held by the searchable vectors (the FAISS codes, or the torch tensor), per index."""
@@ -509,7 +501,7 @@ class CrossModalIndex:
             query_log_sigma2 = query_log_sigma2.detach().to(device)
         # Full precision even inside autocast: a half-precision product would blur close scores.
         with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
-            query_vectors, offsets = query_search_vectors(query_mean, query_log_sigma2, self.metric)
+            query_vectors, offsets = SCORES[self.metric]().query_vectors(query_mean, query_log_sigma2)
             if self.backend == "torch":
                 scores, indices = self._torch_search(query_vectors, offsets, top_k)
             else:
@@ -730,7 +722,7 @@ def _uncertainty(log_sigma2: torch.Tensor | None) -> torch.Tensor | None:
 
 def _embed_dim_of(vectors: torch.Tensor | None, faiss_index: Any, metric: str) -> int:
     dim = vectors.shape[-1] if vectors is not None else faiss_index.d
-    return dim - (1 if metric == "csd" else 0)
+    return dim - SCORES[metric].extra_dims
 
 
 def _num_embeds_of(vectors: torch.Tensor | None, faiss_index: Any, num_items: int) -> int:
@@ -751,10 +743,11 @@ def _build_faiss_index(
     """
     faiss_module = require_faiss()
     mean = as_embedding_rows(mean, "mean")
-    num_items, num_embeds, dim = mean.shape[0], mean.shape[1], mean.shape[2] + (metric == "csd")
+    num_items, num_embeds, dim = mean.shape[0], mean.shape[1], mean.shape[2] + SCORES[metric].extra_dims
+    score = SCORES[metric]()
 
     def block(rows: slice | torch.Tensor) -> Any:
-        vectors = item_search_vectors(mean[rows], log_sigma2[rows] if log_sigma2 is not None else None, metric)
+        vectors = score.item_vectors(mean[rows], log_sigma2[rows] if log_sigma2 is not None else None)
         return vectors.reshape(-1, dim).contiguous().numpy()
 
     if index_type == "flat":

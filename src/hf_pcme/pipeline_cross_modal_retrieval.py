@@ -31,9 +31,9 @@ import torch
 from transformers import AutoModel, Pipeline
 
 from .distances import sample_gaussian
+from .scoring import default_search_score
 from .index import (
     CrossModalIndex,
-    default_metric,
     encode_batch,
     infer_modality,
     load_images,
@@ -78,7 +78,7 @@ class CrossModalRetrievalPipeline(Pipeline):
 
     Keyword arguments (at construction or per call): ``top_k`` (5), ``batch_size`` (queries and
     corpus items per forward pass), ``return_attention`` (False), ``metric`` / ``backend`` for an
-    index built from a corpus list (default: the model's :func:`default_metric`, ``"torch"``),
+    index built from a corpus list (default: the model's :func:`hf_pcme.scoring.default_search_score`, ``"torch"``),
     ``corpus_modality`` (``"auto"``), ``progress_bar`` (True, while a corpus list is embedded),
     ``match_seed`` (default: the model's ``config.inference_seed``, so the Monte-Carlo samples of the
     match probability are reproducible; ``None`` there = fresh noise).
@@ -152,7 +152,7 @@ class CrossModalRetrievalPipeline(Pipeline):
         modality = infer_modality(corpus, "corpus") if modality in (None, "auto") else modality
         kwargs.setdefault("batch_size", self._batch_size or 32)
         kwargs.setdefault("device", self.device)
-        kwargs.setdefault("metric", default_metric(self.model))
+        kwargs.setdefault("metric", default_search_score(self.model.config))
         index = CrossModalIndex.build(self.model, self._processor_for(modality), corpus, modality, **kwargs)
         if self.reranker is not None:
             self._rerank_features[index] = self._local_features(corpus, modality, kwargs["batch_size"])
@@ -233,7 +233,7 @@ class CrossModalRetrievalPipeline(Pipeline):
 
     def _resolve_index(self, corpus: Any, batch_size: int, forward_params: dict) -> CrossModalIndex:
         build_options = {
-            "metric": forward_params.pop("metric", None) or default_metric(self.model),
+            "metric": forward_params.pop("metric", None) or default_search_score(self.model.config),
             "backend": forward_params.pop("backend", "torch"),
             "modality": forward_params.pop("corpus_modality", "auto"),
             "progress_bar": forward_params.pop("progress_bar", True),
