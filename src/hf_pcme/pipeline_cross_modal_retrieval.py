@@ -32,13 +32,8 @@ from transformers import AutoModel, Pipeline
 
 from .distances import sample_gaussian
 from .scoring import default_search_score
-from .index import (
-    CrossModalIndex,
-    encode_batch,
-    infer_modality,
-    load_images,
-    model_fingerprint,
-)
+from .encoding import encode_batch, infer_modality, load_images
+from .index import CrossModalIndex, model_fingerprint
 from .outputs import ProbabilisticEmbedding
 from .rerank import candidate_scores, check_rerank_top_k, check_reranker_fits
 from .visualization import attention_heatmap
