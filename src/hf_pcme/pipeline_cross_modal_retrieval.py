@@ -32,7 +32,7 @@ from transformers import AutoModel, Pipeline
 
 from .distances import sample_gaussian
 from .scoring import default_search_score
-from .encoding import encode_batch, infer_modality, load_images
+from .encoding import infer_modality, load_images
 from .index import CrossModalIndex, model_fingerprint
 from .outputs import ProbabilisticEmbedding
 from .rerank import candidate_scores, check_rerank_top_k, check_reranker_fits

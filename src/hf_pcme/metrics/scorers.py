@@ -25,7 +25,7 @@ import torch
 
 from ..distances import best_pair_scores, sample_gaussian
 from ..registry import lookup
-from ..scoring import SCORES, BestPairScore, CosineScore, CSDScore, SampledMatchScore, Score
+from ..scoring import BestPairScore, CosineScore, CSDScore, SampledMatchScore, Score
 
 
 def as_tensor(value: Any, name: str) -> torch.Tensor:
