@@ -58,7 +58,8 @@ def test_best_pair_score_is_the_max_cosine_over_k_by_k_pairs():
 def test_csd_score_is_minus_the_closed_form_sampled_distance():
     mu_v, log_v = _gaussians(3, 4)
     mu_t, log_t = _gaussians(4, 3)
-    scores = CSDScore().pairwise(ProbabilisticEmbedding(mean=mu_v, log_sigma2=log_v), ProbabilisticEmbedding(mean=mu_t, log_sigma2=log_t))
+    image = ProbabilisticEmbedding(mean=mu_v, log_sigma2=log_v)
+    scores = CSDScore().pairwise(image, ProbabilisticEmbedding(mean=mu_t, log_sigma2=log_t))
     expected = torch.tensor([[-_csd(mu_v[i], log_v[i], mu_t[j], log_t[j]) for j in range(3)] for i in range(4)])
     torch.testing.assert_close(scores.double(), expected.double(), rtol=1e-6, atol=1e-5)
     with pytest.raises(ValueError, match="log variances"):
@@ -70,7 +71,8 @@ def test_sampled_score_is_the_log_mean_sigmoid_over_sample_pairs():
     image, text = torch.randn(3, 2, 4, generator=generator), torch.randn(2, 3, 4, generator=generator)
     a, b = 2.0, 1.5
     scores = SampledMatchScore(a, b).pairwise(
-        ProbabilisticEmbedding(mean=image.mean(1), samples=image), ProbabilisticEmbedding(mean=text.mean(1), samples=text)
+        ProbabilisticEmbedding(mean=image.mean(1), samples=image),
+        ProbabilisticEmbedding(mean=text.mean(1), samples=text),
     )
     expected = torch.empty(3, 2, dtype=torch.float64)
     for i in range(3):
@@ -180,7 +182,8 @@ def test_model_index_and_metrics_rank_a_pair_the_same_way():
     model = PCMEModel(tiny_pcme_config(match_function="csd")).eval()
     mu_v, log_v = _gaussians(9, 6, dim=8)
     mu_t, log_t = _gaussians(10, 5, dim=8)
-    image, text = ProbabilisticEmbedding(mean=mu_v, log_sigma2=log_v), ProbabilisticEmbedding(mean=mu_t, log_sigma2=log_t)
+    image = ProbabilisticEmbedding(mean=mu_v, log_sigma2=log_v)
+    text = ProbabilisticEmbedding(mean=mu_t, log_sigma2=log_t)
     reference = CSDScore().pairwise(image, text)
     with torch.no_grad():
         logits = model.pairwise_logits(image, text)

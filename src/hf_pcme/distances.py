@@ -375,7 +375,9 @@ def chunked_pairwise(
 # Exact CSD ranking as an inner product: moved to hf_pcme.scoring (one encoding, CSDScore).
 # The old names stay importable from here (resolved lazily: scoring imports this module).
 # ---------------------------------------------------------------------------------------------
-_MOVED_TO_SCORING = ("item_search_vectors", "query_search_vectors", "score_vectors", "as_embedding_rows", "SEARCH_VECTOR_CHUNK_ROWS")
+_MOVED_TO_SCORING = (
+    "item_search_vectors", "query_search_vectors", "score_vectors", "as_embedding_rows", "SEARCH_VECTOR_CHUNK_ROWS"
+)
 
 
 def __getattr__(name: str):

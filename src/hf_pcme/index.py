@@ -21,10 +21,10 @@ FAISS inner-product index (flat: exact; IVF: approximate).
 Back ends (``hf_pcme.index_backends``, one interface: ``add`` / ``search`` / ``reconstruct``):
 ``"torch"`` (exact; on any device; memory flat in the corpus size thanks to chunking) and
 ``"faiss"`` (``pip install hf_pcme[faiss]``). The index itself keeps ids, payloads and persistence;
-the search vectors come from ``hf_pcme.scoring``, corpus encoding from ``hf_pcme.encoding``. On disk: ``index_config.json`` (metric, sizes,
-model fingerprint), ``ids.json`` (ids and texts), ``embeddings.safetensors`` (means, log variances,
-attention maps) and, for FAISS, ``index.faiss`` written by ``faiss.write_index`` (then the means
-are not stored twice). Nothing is pickled.
+the search vectors come from ``hf_pcme.scoring``, corpus encoding from ``hf_pcme.encoding``.
+On disk: ``index_config.json`` (metric, sizes, model fingerprint), ``ids.json`` (ids and texts),
+``embeddings.safetensors`` (means, log variances, attention maps) and, for FAISS, ``index.faiss``
+written by ``faiss.write_index`` (then the means are not stored twice). Nothing is pickled.
 
 An index is immutable once built: a retriever swaps whole indexes (``set_index``), so a query
 always sees one consistent index.

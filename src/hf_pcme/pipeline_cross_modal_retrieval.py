@@ -185,7 +185,9 @@ class CrossModalRetrievalPipeline(ChunkPipeline):
         return part
 
     # ------------------------------------------------------------------ call
-    def __call__(self, images: Any = None, texts: Any = None, *, batch_size: int | None = None, **kwargs: Any) -> dict | list[dict]:
+    def __call__(
+        self, images: Any = None, texts: Any = None, *, batch_size: int | None = None, **kwargs: Any
+    ) -> dict | list[dict]:
         """Retrieve the ``top_k`` corpus items of each query.
 
         Args:
