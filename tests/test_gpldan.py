@@ -18,6 +18,7 @@ from hf_pcme.losses import build_loss
 from hf_pcme.testing import TINY_CAPTIONS, tiny_images, tiny_pcme_config, tiny_processor
 from hf_pcme.training.adversarial import ModalityClassifier, reverse_gradient
 from hf_pcme.training.module import ContrastiveTrainingModule
+from train_callbacks import KillAfterSteps
 
 
 def unit(*shape):
@@ -288,7 +289,7 @@ def test_resumed_run_restores_the_modality_classifier(tmp_path):
 
     cache = tmp_path / "cache"
     full = train(_tiny_recipe(tmp_path / "full", cache))
-    stopped = train(_tiny_recipe(tmp_path / "resumed", cache, "train.stop_after_steps=2"))
+    stopped = train(_tiny_recipe(tmp_path / "resumed", cache), callbacks=[KillAfterSteps(2)])
     assert stopped.interrupted
     trainer = Trainer(_tiny_recipe(tmp_path / "resumed", cache))
     resumed = trainer.train(resume=True)

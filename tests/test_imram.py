@@ -12,6 +12,7 @@ from hf_pcme import IMRAMConfig, IMRAMModel, PCMEModel
 from hf_pcme.modeling_imram import LocalFeatures, MemoryDistillationUnit, cross_attention
 from hf_pcme.rerank import check_rerank_top_k, rerank, rerank_score_matrix
 from hf_pcme.testing import TINY_CAPTIONS, tiny_images, tiny_pcme_config, tiny_processor, tiny_text_config
+from train_callbacks import KillAfterSteps
 
 
 @pytest.fixture()
@@ -316,7 +317,7 @@ def test_imram_recipe_trains_through_the_trainer_and_resumes_exactly(tmp_path):
         recipe = repo / "configs/shapes_imram.yaml"
         whole = train(load_recipe(recipe, [*imram, f"output_dir={tmp_path / 'whole'}"]))
         assert isinstance(whole.model, IMRAMModel) and whole.global_step == 4
-        stopped = train(load_recipe(recipe, [*imram, f"output_dir={tmp_path / 'resumed'}", "train.stop_after_steps=2"]))
+        stopped = train(load_recipe(recipe, [*imram, f"output_dir={tmp_path / 'resumed'}"]), callbacks=[KillAfterSteps(2)])
         assert stopped.interrupted
         resumed = train(load_recipe(recipe, [*imram, f"output_dir={tmp_path / 'resumed'}"]), resume=True)
     finally:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hf_pcme import index as index_module
+from hf_pcme import index_backends
 from hf_pcme.index import (
     CrossModalIndex,
     item_search_vectors,
@@ -92,7 +93,7 @@ def test_cosine_topk_equals_bruteforce(backend):
 
 
 def test_torch_search_chunks_queries_too(monkeypatch):
-    monkeypatch.setattr(index_module, "QUERY_CHUNK_ROWS", 3)
+    monkeypatch.setattr(index_backends, "QUERY_CHUNK_ROWS", 3)
     item_mean, item_log_sigma2 = random_gaussians(80, 8, seed=3)
     query_mean, query_log_sigma2 = random_gaussians(10, 8, seed=4)
     index = CrossModalIndex.from_embeddings(item_mean, item_log_sigma2, metric="csd", chunk_size=13)
@@ -313,7 +314,7 @@ def test_bad_arguments_name_the_argument(kwargs, message):
 
 
 def test_faiss_backend_without_faiss_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(index_module, "faiss", None)
+    monkeypatch.setattr(index_backends, "faiss", None)
     with pytest.raises(ImportError, match=r"pip install hf_pcme\[faiss\]"):
         CrossModalIndex.from_embeddings(torch.randn(3, 4), backend="faiss")
     # the torch back end does not need it

@@ -15,6 +15,8 @@ from hf_pcme import PCMEModel
 from hf_pcme.training.checkpointing import find_latest_checkpoint, read_checkpoint_state
 from hf_pcme.training.config import load_recipe
 from hf_pcme.training.trainer import Trainer, plan_phases, train
+from hf_pcme.training.callbacks import TrainerCallback
+from train_callbacks import KillAfterSteps
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,9 +106,9 @@ def test_killed_twice_then_resumed_matches_uninterrupted(uninterrupted, cache_di
     out = tmp_path / "run"
     # Stop after step 2 (phase 1, epoch 1 done), then after step 5 (phase 2, mid-epoch): each
     # "kill" leaves the last periodic checkpoint (2, then 4) and loses the steps after it.
-    first = train(_recipe(out, cache_dir, "train.stop_after_steps=2"))
+    first = train(_recipe(out, cache_dir), callbacks=[KillAfterSteps(2)])
     assert first.interrupted and first.global_step == 2
-    second = train(_recipe(out, cache_dir, "train.stop_after_steps=5"), resume=True)
+    second = train(_recipe(out, cache_dir), resume=True, callbacks=[KillAfterSteps(5)])
     assert second.interrupted and second.global_step == 5
     assert read_checkpoint_state(find_latest_checkpoint(out / "checkpoints"))["global_step"] == 4
     final = train(_recipe(out, cache_dir), resume=True)
@@ -117,6 +119,26 @@ def test_killed_twice_then_resumed_matches_uninterrupted(uninterrupted, cache_di
     assert [r["step"] for r in records if "train/loss" in r] == list(range(1, 9))
     assert [r["step"] for r in records if "eval/rsum" in r] == [3, 6, 8]
     assert final.best_metric is not None and (out / "best" / "model.safetensors").exists()
+
+
+def test_callbacks_see_every_step_and_stopping_leaves_no_final_save(cache_dir, tmp_path):
+    class Record(TrainerCallback):
+        def __init__(self):
+            self.calls = []
+
+        def on_step_end(self, trainer, step):
+            self.calls.append((step, trainer.model is not None))
+
+    record = Record()
+    result = train(_recipe(tmp_path / "run", cache_dir), callbacks=[record, KillAfterSteps(3)])
+    assert result.interrupted and result.global_step == 3
+    assert record.calls == [(1, True), (2, True), (3, True)]
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_the_old_test_hook_is_gone_from_recipes():
+    with pytest.raises(ValueError, match="train.stop_after_steps"):
+        load_recipe(REPO / "configs" / "shapes_pcme.yaml", ["train.stop_after_steps=2"])
 
 
 def test_resume_without_checkpoint_starts_from_scratch(uninterrupted, cache_dir, tmp_path):
@@ -136,7 +158,7 @@ def test_process_killed_by_signal_resumes_to_the_same_weights(uninterrupted, cac
            "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
         [sys.executable, str(REPO / "scripts" / "train.py"), "--config", str(REPO / "configs" / "shapes_pcme.yaml"),
-         *overrides, "train.stop_after_steps=7"],
+         *overrides],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     deadline = time.monotonic() + 120

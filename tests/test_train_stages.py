@@ -16,6 +16,7 @@ from hf_pcme.training.checkpointing import find_latest_checkpoint, read_checkpoi
 from hf_pcme.training.config import load_recipe
 from hf_pcme.training.stages import StagedTrainer, plan_stages
 from hf_pcme.training.trainer import train
+from train_callbacks import KillAfterSteps
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "shapes_webly.yaml"
@@ -119,7 +120,7 @@ def test_killed_in_stage_2_and_resumed_with_the_script_matches_uninterrupted(uni
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1",
            "OMP_NUM_THREADS": "1"}
     command = [sys.executable, str(REPO / "scripts" / "train.py"), "--config", str(CONFIG), *_overrides(out, cache_dir)]
-    process = subprocess.Popen([*command, "train.stop_after_steps=8"], env=env, stdout=subprocess.DEVNULL,
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE)
     deadline = time.monotonic() + 180
     try:
@@ -150,7 +151,7 @@ def test_killed_in_stage_2_and_resumed_with_the_script_matches_uninterrupted(uni
 def test_resume_at_the_stage_boundary(uninterrupted, cache_dir, tmp_path):
     _, expected = uninterrupted
     out = tmp_path / "boundary"
-    first = train(_recipe(out, cache_dir, "train.stop_after_steps=5", "train.checkpoint_every=100"))
+    first = train(_recipe(out, cache_dir, "train.checkpoint_every=100"), callbacks=[KillAfterSteps(5)])
     assert first.interrupted
     assert read_checkpoint_state(find_latest_checkpoint(out / "checkpoints"))["global_step"] == 4  # the stage end
     final = train(_recipe(out, cache_dir, "train.checkpoint_every=100"), resume=True)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -373,96 +372,17 @@ def chunked_pairwise(
 
 
 # ---------------------------------------------------------------------------------------------
-# Exact CSD ranking as an inner product (PCME++; docs/formulas.md, "CSD as an inner product")
+# Exact CSD ranking as an inner product: moved to hf_pcme.scoring (one encoding, CSDScore).
+# The old names stay importable from here (resolved lazily: scoring imports this module).
 # ---------------------------------------------------------------------------------------------
-#: Rows of search vectors filled at once (bounds the temporaries of the augmentation).
-SEARCH_VECTOR_CHUNK_ROWS = 65536
+_MOVED_TO_SCORING = (
+    "item_search_vectors", "query_search_vectors", "score_vectors", "as_embedding_rows", "SEARCH_VECTOR_CHUNK_ROWS"
+)
 
 
-def as_embedding_rows(mean: torch.Tensor, name: str) -> torch.Tensor:
-    """``(N, D)`` or ``(N, K, D)`` -> float32 ``(N, K, D)``."""
-    if mean.dim() == 2:
-        mean = mean.unsqueeze(1)
-    if mean.dim() != 3:
-        raise ValueError(f"{name} must be (N, D) or (N, K, D) (K embeddings per item), got {tuple(mean.shape)}.")
-    return mean.float()
+def __getattr__(name: str):
+    if name in _MOVED_TO_SCORING:
+        from . import scoring
 
-
-def _variance_sum(mean: torch.Tensor, log_sigma2: torch.Tensor | None) -> torch.Tensor:
-    """``sum_d sigma^2`` per embedding, shape ``(N, K)``; 0 for point embeddings."""
-    if log_sigma2 is None:
-        return mean.new_zeros(mean.shape[:2])
-    return log_sigma2.float().exp().sum(-1, keepdim=True).expand(mean.shape[:2])
-
-
-def _csd_offset(mean: torch.Tensor, log_sigma2: torch.Tensor | None) -> torch.Tensor:
-    """``c = |mu|^2 + sum_d sigma^2`` per embedding, shape ``(N, K)``: CSD = c_v + c_t - 2 mu_v . mu_t."""
-    return mean.pow(2).sum(-1) + _variance_sum(mean, log_sigma2)
-
-
-def item_search_vectors(mean: torch.Tensor, log_sigma2: torch.Tensor | None, metric: str) -> torch.Tensor:
-    """Item side of the inner-product search, float32 ``(N, K, D')``.
-
-    cosine: ``mu / |mu|`` (D' = D). csd: ``[2 mu, -(|mu|^2 + sum sigma^2)]`` (D' = D + 1).
-    Filled block by block, so the only large allocation is the result (no N x D temporaries).
-    """
-    mean = as_embedding_rows(mean, "mean")
-    out = torch.empty(*mean.shape[:2], mean.shape[-1] + (metric == "csd"), dtype=torch.float32, device=mean.device)
-    for rows in iter_row_chunks(mean.shape[0], SEARCH_VECTOR_CHUNK_ROWS):
-        out[rows] = _item_vectors_block(mean[rows], log_sigma2[rows] if log_sigma2 is not None else None, metric)
-    return out
-
-
-def _item_vectors_block(mean: torch.Tensor, log_sigma2: torch.Tensor | None, metric: str) -> torch.Tensor:
-    mean = mean.float()
-    if metric == "cosine":
-        return F.normalize(mean, dim=-1)
-    return torch.cat([2.0 * mean, -_csd_offset(mean, log_sigma2).unsqueeze(-1)], dim=-1)
-
-
-def score_vectors(
-    mean: torch.Tensor, log_sigma2: torch.Tensor | None, metric: str, side: Literal["left", "right"]
-) -> torch.Tensor:
-    """Float32 ``(N, K, D')`` vectors whose inner products are the scores themselves, in both directions.
-
-    cosine: ``mu / |mu|`` on both sides. csd: with ``c = |mu|^2 + sum sigma^2``, ``left = [2 mu, -c, 1]``
-    and ``right = [mu, 1, -c]`` (D' = D + 2), so that for any pair
-
-        left(v) . right(t) = 2 mu_v . mu_t - c_v - c_t = -(|mu_v - mu_t|^2 + sum sigma_v^2 + sum sigma_t^2),
-
-    minus the CSD of PCME++ (docs/formulas.md, "CSD as an inner product"). Unlike the query / item vectors of the index,
-    one pair of matrices serves both retrieval directions (``left @ right.T`` and its transpose) and
-    no per-query offset is left to subtract after the product. Filled in row blocks.
-    """
-    if side not in ("left", "right"):
-        raise ValueError(f"side must be 'left' or 'right', got {side!r}.")
-    mean = as_embedding_rows(mean, "mean")
-    out = torch.empty(*mean.shape[:2], mean.shape[-1] + 2 * (metric == "csd"), dtype=torch.float32, device=mean.device)
-    for rows in iter_row_chunks(mean.shape[0], SEARCH_VECTOR_CHUNK_ROWS):
-        block = mean[rows]
-        if metric == "cosine":
-            out[rows] = F.normalize(block, dim=-1)
-            continue
-        offset = _csd_offset(block, log_sigma2[rows] if log_sigma2 is not None else None)
-        ones = torch.ones_like(offset)
-        if side == "left":
-            out[rows, :, :-2] = 2.0 * block
-            out[rows, :, -2], out[rows, :, -1] = -offset, ones
-        else:
-            out[rows, :, :-2] = block
-            out[rows, :, -2], out[rows, :, -1] = ones, -offset
-    return out
-
-
-def query_search_vectors(
-    mean: torch.Tensor, log_sigma2: torch.Tensor | None, metric: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Query side: vectors ``(Q, K, D')`` and offsets ``(Q, K)`` with ``score = q . k - offset``.
-
-    cosine: ``(mu / |mu|, 0)``, so the score is the cosine. csd: ``([mu, 1], |mu|^2 + sum sigma^2)``,
-    so the score is ``-d(v, t)`` exactly (docs/formulas.md, "CSD as an inner product").
-    """
-    mean = as_embedding_rows(mean, "query_mean")
-    if metric == "cosine":
-        return F.normalize(mean, dim=-1), mean.new_zeros(mean.shape[:2])
-    return torch.cat([mean, torch.ones_like(mean[..., :1])], dim=-1), _csd_offset(mean, log_sigma2)
+        return getattr(scoring, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -24,8 +24,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .distributed import gather_embeddings
-from .heads import MULTI_EMBEDDING_HEADS
 from .outputs import ProbabilisticEmbedding
+from .scoring import default_score
 
 #: The model-index task of retrieval results (model cards, ``scripts/evaluate.py --update-card``).
 TASK_TYPE = "cross-modal-retrieval"
@@ -114,13 +114,9 @@ def _detach(embedding: ProbabilisticEmbedding) -> ProbabilisticEmbedding:
 
 
 def default_scorer(model: Any) -> str:
-    """How the model ranks: cosine (points), best pair (PVSE), CSD or the sampled match probability (Gaussians)."""
-    config = model.config
-    if config.head_type == "deterministic":
-        return "cosine"
-    if config.head_type in MULTI_EMBEDDING_HEADS:  # K embeddings per item
-        return "polysemous"
-    return "csd" if config.match_function == "csd" else "sampled"
+    """How the model ranks: ``hf_pcme.scoring.default_score(model.config)`` (cosine for points, best
+    pair for PVSE, CSD or the sampled match probability for Gaussians)."""
+    return default_score(model.config)
 
 
 def retrieval_metrics(

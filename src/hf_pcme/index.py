@@ -18,11 +18,13 @@ and subtracting ``c(v)`` gives ``-d`` itself. The same augmented vectors serve t
 torch search (one matrix product per chunk, no per-query pass over the item variances) and a
 FAISS inner-product index (flat: exact; IVF: approximate).
 
-Back ends: ``"torch"`` (exact; on any device; memory flat in the corpus size thanks to chunking)
-and ``"faiss"`` (``pip install hf_pcme[faiss]``). On disk: ``index_config.json`` (metric, sizes,
-model fingerprint), ``ids.json`` (ids and texts), ``embeddings.safetensors`` (means, log variances,
-attention maps) and, for FAISS, ``index.faiss`` written by ``faiss.write_index`` (then the means
-are not stored twice). Nothing is pickled.
+Back ends (``hf_pcme.index_backends``, one interface: ``add`` / ``search`` / ``reconstruct``):
+``"torch"`` (exact; on any device; memory flat in the corpus size thanks to chunking) and
+``"faiss"`` (``pip install hf_pcme[faiss]``). The index itself keeps ids, payloads and persistence;
+the search vectors come from ``hf_pcme.scoring``, corpus encoding from ``hf_pcme.encoding``.
+On disk: ``index_config.json`` (metric, sizes, model fingerprint), ``ids.json`` (ids and texts),
+``embeddings.safetensors`` (means, log variances, attention maps) and, for FAISS, ``index.faiss``
+written by ``faiss.write_index`` (then the means are not stored twice). Nothing is pickled.
 
 An index is immutable once built: a retriever swaps whole indexes (``set_index``), so a query
 always sees one consistent index.
@@ -41,28 +43,29 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
-from .distances import (
-    as_embedding_rows,
-    best_pair_scores,
-    chunked_pairwise,
-    item_search_vectors,
-    iter_row_chunks,
-    query_search_vectors,
-)
+from .distances import iter_row_chunks
+from .encoding import encode_batch, encode_corpus, infer_modality, load_images  # noqa: F401  (re-exported)
 from .heads import MULTI_EMBEDDING_HEADS
+from .index_backends import (  # noqa: F401  (QUERY_CHUNK_ROWS, SCORE_BLOCK_ELEMENTS, faiss: re-exported)
+    FAISS_INDEX_TYPES,
+    IVF_TRAIN_POINTS_PER_CELL,
+    QUERY_CHUNK_ROWS,
+    SCORE_BLOCK_ELEMENTS,
+    FaissBackend,
+    SearchBackend,
+    TorchBackend,
+    faiss,
+    require_faiss,
+)
 from .outputs import ProbabilisticEmbedding
 from .registry import check_choice
+from .scoring import SCORES, SEARCH_SCORES, as_embedding_rows, default_search_score
+from .scoring import item_search_vectors, query_search_vectors  # noqa: F401  (old public names)
 
-try:  # optional: the torch back end works without it (extra `hf_pcme[faiss]`)
-    import faiss
-except ImportError:  # pragma: no cover - exercised only where faiss is missing
-    faiss = None
-
-METRICS = ("cosine", "csd")
+#: The scores an index searches exactly (``hf_pcme.scoring.SEARCH_SCORES``).
+METRICS = SEARCH_SCORES
 BACKENDS = ("torch", "faiss")
-FAISS_INDEX_TYPES = ("flat", "ivf")
 MODALITIES = ("text", "image")
 
 CONFIG_NAME = "index_config.json"
@@ -71,25 +74,8 @@ EMBEDDINGS_NAME = "embeddings.safetensors"
 FAISS_NAME = "index.faiss"
 FORMAT_VERSION = 1
 
-#: Upper bound on the elements of one (query rows x item rows) score block of the torch search
-#: (64 MiB of float32): large enough for a fast matrix product, small enough for any device.
-SCORE_BLOCK_ELEMENTS = 1 << 24
-#: Query rows scored at once by the torch search.
-QUERY_CHUNK_ROWS = 1024
 #: Items turned into search vectors at once while building (bounds the temporaries).
 BUILD_CHUNK_ROWS = 65536
-#: Training points per IVF cell for k-means (FAISS wants at least 39).
-IVF_TRAIN_POINTS_PER_CELL = 256
-
-
-def require_faiss() -> Any:
-    """Return the ``faiss`` module, or raise an ``ImportError`` that says how to install it."""
-    if faiss is None:
-        raise ImportError(
-            "The FAISS back end of CrossModalIndex needs the `faiss` package: `pip install hf_pcme[faiss]` "
-            "(or `pip install faiss-cpu`). The exact torch back end (backend='torch') works without it."
-        )
-    return faiss
 
 
 # ---------------------------------------------------------------------------- model identity
@@ -118,21 +104,17 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 
 def default_metric(model: torch.nn.Module) -> str:
-    """The ranking metric that matches how a model was trained.
+    """The search score that matches how a model was trained: ``hf_pcme.scoring.default_search_score``.
 
     ``"csd"`` for probabilistic heads trained with the closed-form distance (PCME++,
     ``match_function="csd"``), ``"cosine"`` otherwise (PCME ranks by the inner product of the
     sample means, VSE++ / InfoNCE / PVSE by the cosine).
     """
-    config = getattr(model, "config", None)
-    if getattr(config, "head_type", None) == "probabilistic" and getattr(config, "match_function", None) == "csd":
-        return "csd"
-    return "cosine"
+    return default_search_score(getattr(model, "config", None))
 
 
 def _means_from_search_vectors(vectors: torch.Tensor, metric: str) -> torch.Tensor:
-    # 2 * mu / 2 is exact in floating point, so nothing is lost by storing only the search vectors.
-    return vectors if metric == "cosine" else vectors[..., :-1] * 0.5
+    return SCORES[metric]().means_from_item_vectors(vectors)
 
 
 # ---------------------------------------------------------------------------- results
@@ -150,17 +132,6 @@ class SearchResult:
     scores: torch.Tensor
     indices: torch.Tensor
     distances: torch.Tensor | None = None
-
-
-def _merge_topk(
-    best: tuple[torch.Tensor, torch.Tensor] | None, scores: torch.Tensor, indices: torch.Tensor, top_k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if best is not None:
-        scores = torch.cat([best[0], scores], dim=1)
-        indices = torch.cat([best[1], indices], dim=1)
-    k = min(top_k, scores.shape[1])
-    scores, order = scores.topk(k, dim=1)
-    return scores, indices.gather(1, order)
 
 
 # ---------------------------------------------------------------------------- the index
@@ -186,43 +157,45 @@ class CrossModalIndex:
     def __init__(
         self,
         *,
-        vectors: torch.Tensor | None,
-        faiss_index: Any,
-        num_items: int,
+        searcher: SearchBackend,
         embed_dim: int,
-        num_embeds: int,
         log_sigma2: torch.Tensor | None,
         attention: torch.Tensor | None,
         ids: list,
         texts: list[str] | None,
         modality: str,
         metric: str,
-        backend: str,
         faiss_index_type: str,
         nlist: int | None,
         nprobe: int,
         model_fingerprint: str | None,
-        chunk_size: int | None,
     ):
         # Use the constructors (from_embeddings, build, load); this one trusts its arguments.
-        self._vectors = vectors
-        self._faiss_index = faiss_index
-        self.num_items = num_items
+        self._searcher = searcher  # the search vectors and the search (index_backends.py)
+        self.num_items = searcher.num_items
         self.embed_dim = embed_dim
-        self.num_embeds = num_embeds
+        self.num_embeds = searcher.num_embeds
         self.log_sigma2 = log_sigma2
         self.attention = attention
         self.ids = ids
         self.texts = texts
         self.modality = modality
         self.metric = metric
-        self.backend = backend
+        self.backend = searcher.name
         self.faiss_index_type = faiss_index_type
         self.nlist = nlist
         self.nprobe = nprobe
         self.model_fingerprint = model_fingerprint
-        self.chunk_size = chunk_size
         self.uncertainty = _uncertainty(log_sigma2)
+
+    @property
+    def chunk_size(self) -> int | None:
+        """Items per block of the torch search (``None``: automatic, and for FAISS)."""
+        return getattr(self._searcher, "chunk_size", None)
+
+    @property
+    def _faiss_index(self) -> Any:
+        return getattr(self._searcher, "faiss_index", None)
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -297,31 +270,27 @@ class CrossModalIndex:
             raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}.")
 
         mean = mean.detach()
-        vectors = faiss_index = None
+        score = SCORES[metric]()
         if backend == "faiss":  # FAISS holds the only copy of the vectors
-            faiss_index, nlist = _build_faiss_index(mean.cpu(), log_sigma2, metric, faiss_index_type, nlist, nprobe)
+            searcher, nlist = _build_faiss_backend(mean.cpu(), log_sigma2, score, faiss_index_type, nlist, nprobe)
         else:
             mean = mean.to(device) if device is not None else mean
-            vectors = item_search_vectors(mean, log_sigma2.to(mean.device) if log_sigma2 is not None else None, metric)
+            vectors = score.item_vectors(mean, log_sigma2.to(mean.device) if log_sigma2 is not None else None)
+            searcher = TorchBackend(vectors, chunk_size)
         del mean
         return cls(
-            vectors=vectors.contiguous() if vectors is not None else None,
-            faiss_index=faiss_index,
-            num_items=num_items,
-            embed_dim=_embed_dim_of(vectors, faiss_index, metric),
-            num_embeds=_num_embeds_of(vectors, faiss_index, num_items),
+            searcher=searcher,
+            embed_dim=searcher.dim - score.extra_dims,
             log_sigma2=log_sigma2,
             attention=attention,
             ids=ids,
             texts=texts,
             modality=modality,
             metric=metric,
-            backend=backend,
             faiss_index_type=faiss_index_type if backend == "faiss" else "flat",
             nlist=nlist if backend == "faiss" and faiss_index_type == "ivf" else None,
             nprobe=nprobe,
             model_fingerprint=model_fingerprint,
-            chunk_size=chunk_size,
         )
 
     @classmethod
@@ -409,28 +378,21 @@ class CrossModalIndex:
     @property
     def device(self) -> torch.device:
         """Where the torch back end searches (FAISS: always the CPU)."""
-        return self._vectors.device if self._vectors is not None else torch.device("cpu")
+        return self._searcher.device
 
     @property
     def search_dim(self) -> int:
         """D' = D (cosine) or D + 1 (CSD): the size of the vectors actually searched."""
-        return self.embed_dim + (1 if self.metric == "csd" else 0)
+        return self.embed_dim + (SCORES[self.metric].extra_dims)
 
     def nbytes(self) -> int:
         """Bytes held by the searchable vectors (the FAISS codes, or the torch tensor), per index."""
-        if self._vectors is not None:
-            return self._vectors.numel() * self._vectors.element_size()
-        return self.num_items * self.num_embeds * self.search_dim * 4  # float32 codes of a flat / IVF-flat index
+        return self._searcher.nbytes()
 
     def item_embeddings(self, indices: torch.Tensor) -> ProbabilisticEmbedding:
         """The stored embeddings of some items: ``mean (n, D)`` or ``(n, K, D)``, ``log_sigma2 (n, D)`` or ``None``."""
         flat = torch.as_tensor(indices, dtype=torch.long).reshape(-1).cpu()
-        if self._vectors is not None:
-            vectors = self._vectors[flat.to(self._vectors.device)].float()
-        else:
-            rows = (flat.unsqueeze(1) * self.num_embeds + torch.arange(self.num_embeds)).reshape(-1)
-            vectors = torch.from_numpy(self._faiss_index.reconstruct_batch(rows.numpy()))
-            vectors = vectors.view(flat.shape[0], self.num_embeds, -1)
+        vectors = self._searcher.reconstruct(flat)
         mean = _means_from_search_vectors(vectors, self.metric)
         if self.num_embeds == 1:
             mean = mean.squeeze(1)
@@ -462,11 +424,11 @@ class CrossModalIndex:
 
     def to(self, device: torch.device | str) -> "CrossModalIndex":
         """A copy of this index whose torch back end searches on ``device`` (FAISS indexes stay on the CPU)."""
-        if self._vectors is None:
+        if not isinstance(self._searcher, TorchBackend):
             return self
         clone = object.__new__(type(self))
         clone.__dict__.update(self.__dict__)
-        clone._vectors = self._vectors.to(device)
+        clone._searcher = self._searcher.to(device)
         return clone
 
     # ------------------------------------------------------------------ search
@@ -509,76 +471,11 @@ class CrossModalIndex:
             query_log_sigma2 = query_log_sigma2.detach().to(device)
         # Full precision even inside autocast: a half-precision product would blur close scores.
         with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
-            query_vectors, offsets = query_search_vectors(query_mean, query_log_sigma2, self.metric)
-            if self.backend == "torch":
-                scores, indices = self._torch_search(query_vectors, offsets, top_k)
-            else:
-                scores, indices = self._faiss_search(query_vectors, offsets, top_k)
+            query_vectors, offsets = SCORES[self.metric]().query_vectors(query_mean, query_log_sigma2)
+            scores, indices = self._searcher.search(query_vectors, offsets, top_k)
         scores, indices = scores.cpu(), indices.cpu()
         distances = -scores if self.metric == "csd" else None
         return SearchResult(scores=scores, indices=indices, distances=distances)
-
-    def _torch_search(
-        self, query_vectors: torch.Tensor, offsets: torch.Tensor, top_k: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        num_queries, query_embeds, dim = query_vectors.shape
-        item_embeds = self.num_embeds
-        all_scores, all_indices = [], []
-        for query_rows in iter_row_chunks(num_queries, QUERY_CHUNK_ROWS):
-            queries = query_vectors[query_rows].reshape(-1, dim)
-            query_offsets = offsets[query_rows].reshape(-1, 1)
-            chunk_queries = query_rows.stop - query_rows.start
-            chunk_size = self.chunk_size or max(1, SCORE_BLOCK_ELEMENTS // (queries.shape[0] * item_embeds))
-
-            def block_scores(items: torch.Tensor, queries: torch.Tensor, query_offsets: torch.Tensor) -> torch.Tensor:
-                # score = q . k - c(q): cosine, or -CSD exactly; then the best of the K x K pairs.
-                raw = torch.addmm(-query_offsets, queries, items.reshape(-1, dim).t())
-                return best_pair_scores(raw, chunk_queries, query_embeds, item_embeds)
-
-            best = None
-            for item_rows, scores in chunked_pairwise(
-                block_scores, (self._vectors,), (queries, query_offsets), chunk_size=chunk_size
-            ):
-                k = min(top_k, scores.shape[1])
-                block_best, block_indices = scores.topk(k, dim=1)
-                best = _merge_topk(best, block_best, block_indices + item_rows.start, top_k)
-            all_scores.append(best[0])
-            all_indices.append(best[1])
-        return torch.cat(all_scores), torch.cat(all_indices)
-
-    def _faiss_search(
-        self, query_vectors: torch.Tensor, offsets: torch.Tensor, top_k: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        num_queries, query_embeds, dim = query_vectors.shape
-        item_embeds = self.num_embeds
-        flat_queries = query_vectors.reshape(-1, dim).float().cpu().contiguous().numpy()
-        flat_offsets = offsets.reshape(-1, 1).float().cpu()
-        if query_embeds == 1 and item_embeds == 1:
-            raw, rows = self._faiss_index.search(flat_queries, top_k)
-            rows = torch.from_numpy(rows)
-            scores = torch.from_numpy(raw) - flat_offsets
-            return scores.masked_fill(rows < 0, -math.inf), rows
-        # K embeddings per item / query: an item's score is its best pair. Each of the query's
-        # embeddings finds its top_k items within its top (top_k * K) rows (K rows per item), and
-        # an item of the overall top_k is in the per-embedding top_k of the embedding that attains
-        # its best pair; so re-scoring the union of those candidates exactly gives the exact top_k.
-        rows_per_query = min(top_k * item_embeds, self.num_items * item_embeds)
-        _, rows = self._faiss_index.search(flat_queries, rows_per_query)
-        candidates = torch.from_numpy(rows).view(num_queries, -1)
-        all_scores = torch.full((num_queries, top_k), -math.inf)
-        all_indices = torch.full((num_queries, top_k), -1, dtype=torch.long)
-        for q in range(num_queries):
-            items = torch.unique(candidates[q][candidates[q] >= 0] // item_embeds)
-            rows_q = (items.unsqueeze(1) * item_embeds + torch.arange(item_embeds)).reshape(-1)
-            vectors = torch.from_numpy(self._faiss_index.reconstruct_batch(rows_q.numpy()))
-            query_offsets = flat_offsets.view(num_queries, query_embeds)[q, :, None]
-            raw = query_vectors[q].float().cpu() @ vectors.t() - query_offsets
-            scores = best_pair_scores(raw, 1, query_embeds, item_embeds).squeeze(0)
-            k = min(top_k, items.numel())
-            best, order = scores.topk(k)
-            all_scores[q, :k] = best
-            all_indices[q, :k] = items[order]
-        return all_scores, all_indices
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | os.PathLike) -> Path:
@@ -590,7 +487,7 @@ class CrossModalIndex:
         directory.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, torch.Tensor] = {}
         if self.backend == "faiss":
-            require_faiss().write_index(self._faiss_index, str(directory / FAISS_NAME))
+            self._searcher.write(directory / FAISS_NAME)
         else:
             tensors["mean"] = self.mean.cpu().contiguous()
         if self.log_sigma2 is not None:
@@ -656,25 +553,19 @@ class CrossModalIndex:
             model_fingerprint=config["model_fingerprint"],
         )
         if saved_backend == "faiss":
-            faiss_index = _read_faiss_index(directory, config, nprobe)
+            searcher = _read_faiss_backend(directory, config, nprobe)
             if backend == "faiss":
                 log_sigma2 = tensors.get("log_sigma2")
                 return cls(
-                    vectors=None,
-                    faiss_index=faiss_index,
-                    num_items=config["num_items"],
+                    searcher=searcher,
                     embed_dim=config["embed_dim"],
-                    num_embeds=config["num_embeds"],
                     log_sigma2=log_sigma2.float() if log_sigma2 is not None else None,
-                    backend="faiss",
                     faiss_index_type=config["faiss_index_type"],
                     nlist=config["nlist"],
                     nprobe=nprobe,
-                    chunk_size=None,
                     **{**common, "ids": _check_ids(common["ids"], config["num_items"])},
                 )
-            rows = faiss_index.reconstruct_n(0, faiss_index.ntotal)
-            vectors = torch.from_numpy(rows).view(config["num_items"], config["num_embeds"], -1)
+            vectors = searcher.reconstruct_all()
             mean = _means_from_search_vectors(vectors, config["metric"])
             mean = mean.squeeze(1) if config["num_embeds"] == 1 else mean
         else:
@@ -691,20 +582,21 @@ class CrossModalIndex:
         )
 
 
-def _read_faiss_index(directory: Path, config: dict, nprobe: int) -> Any:
-    index = require_faiss().read_index(str(directory / FAISS_NAME))
+def _read_faiss_backend(directory: Path, config: dict, nprobe: int) -> FaissBackend:
+    searcher = FaissBackend.read(directory / FAISS_NAME, config["num_embeds"])
+    index = searcher.faiss_index
     expected_rows = config["num_items"] * config["num_embeds"]
-    expected_dim = config["embed_dim"] + (1 if config["metric"] == "csd" else 0)
+    expected_dim = config["embed_dim"] + SCORES[config["metric"]].extra_dims
     if index.ntotal != expected_rows or index.d != expected_dim:
         raise ValueError(
             f"{FAISS_NAME} holds {index.ntotal} vectors of size {index.d}, but {CONFIG_NAME} says "
             f"{expected_rows} of size {expected_dim}: the files do not belong together."
         )
     if config["faiss_index_type"] == "ivf":
-        faiss.extract_index_ivf(index).nprobe = nprobe
-    return index
+        searcher.set_nprobe(nprobe)
+    return searcher
 
-# ---------------------------------------------------------------------------- helpers
+
 def _check_ids(ids: Sequence[Any] | None, num_items: int) -> list:
     if ids is None:
         return list(range(num_items))
@@ -728,151 +620,39 @@ def _uncertainty(log_sigma2: torch.Tensor | None) -> torch.Tensor | None:
     return torch.cat(blocks)
 
 
-def _embed_dim_of(vectors: torch.Tensor | None, faiss_index: Any, metric: str) -> int:
-    dim = vectors.shape[-1] if vectors is not None else faiss_index.d
-    return dim - (1 if metric == "csd" else 0)
-
-
-def _num_embeds_of(vectors: torch.Tensor | None, faiss_index: Any, num_items: int) -> int:
-    return vectors.shape[1] if vectors is not None else faiss_index.ntotal // num_items
-
-
-def _build_faiss_index(
+def _build_faiss_backend(
     mean: torch.Tensor,
     log_sigma2: torch.Tensor | None,
-    metric: str,
+    score: Any,
     index_type: str,
     nlist: int | None,
     nprobe: int,
-) -> tuple[Any, int | None]:
-    """An inner-product FAISS index of the items' search vectors (one FAISS row per embedding).
+) -> tuple[FaissBackend, int | None]:
+    """A FAISS back end of the items' search vectors (one FAISS row per embedding).
 
     Vectors are made and added block by block: the index's own storage is the only full copy.
     """
-    faiss_module = require_faiss()
+    require_faiss()
     mean = as_embedding_rows(mean, "mean")
-    num_items, num_embeds, dim = mean.shape[0], mean.shape[1], mean.shape[2] + (metric == "csd")
+    num_items, num_embeds, dim = mean.shape[0], mean.shape[1], mean.shape[2] + score.extra_dims
 
-    def block(rows: slice | torch.Tensor) -> Any:
-        vectors = item_search_vectors(mean[rows], log_sigma2[rows] if log_sigma2 is not None else None, metric)
-        return vectors.reshape(-1, dim).contiguous().numpy()
+    def block(rows: slice | torch.Tensor) -> torch.Tensor:
+        return score.item_vectors(mean[rows], log_sigma2[rows] if log_sigma2 is not None else None)
 
-    if index_type == "flat":
-        index = faiss_module.IndexFlatIP(dim)
-    else:
+    train_vectors = None
+    if index_type == "ivf":
         num_rows = num_items * num_embeds
         nlist = nlist or max(1, min(num_rows, int(4 * math.sqrt(num_rows))))
         if nlist > num_rows:
             raise ValueError(f"nlist={nlist} is larger than the number of vectors ({num_rows}): use a smaller nlist.")
-        index = faiss_module.IndexIVFFlat(faiss_module.IndexFlatIP(dim), dim, nlist, faiss_module.METRIC_INNER_PRODUCT)
         # k-means needs a few dozen points per cell; a fixed random subset keeps training fast and reproducible.
         sample_items = min(num_items, max(IVF_TRAIN_POINTS_PER_CELL * nlist // num_embeds, 1))
         sample = torch.randperm(num_items, generator=torch.Generator().manual_seed(0))[:sample_items].sort().values
-        index.train(block(sample))
-        index.nprobe = nprobe
+        train_vectors = block(sample)
+    searcher = FaissBackend.create(dim, num_embeds, index_type, nlist, nprobe, train_vectors)
     for rows in iter_row_chunks(num_items, BUILD_CHUNK_ROWS):
-        index.add(block(rows))
-    if index_type == "ivf":
-        index.make_direct_map()  # so that item_embeddings can reconstruct rows by position
-    return index, nlist
-
-
-def infer_modality(items: Sequence[Any], name: str) -> str:
-    """``"image"`` if every item is a PIL image or a ``pathlib.Path``, ``"text"`` if every item is a str.
-
-    Raises a ``ValueError`` naming ``name`` for mixed or unsupported items.
-    """
-    from PIL import Image
-
-    kinds = set()
-    for item in items:
-        if isinstance(item, str):
-            kinds.add("text")
-        elif isinstance(item, (Image.Image, Path)):
-            kinds.add("image")
-        else:
-            raise ValueError(
-                f"{name} items must be str (captions) or PIL images / pathlib.Path (images), got {type(item).__name__}."
-            )
-    if len(kinds) != 1:
-        raise ValueError(
-            f"{name} mixes captions (str) and images (PIL / Path): give one modality per call. "
-            "For image paths given as str, pass the modality explicitly."
-        )
-    return kinds.pop()
-
-
-def load_images(items: Sequence[Any]) -> list:
-    """PIL images (RGB, EXIF-upright) from PIL images or local paths."""
-    from transformers.image_utils import load_image
-
-    return [load_image(str(item) if isinstance(item, Path) else item) for item in items]
-
-
-def encode_batch(
-    model: torch.nn.Module,
-    processor: Callable[..., Any],
-    items: Sequence[Any],
-    modality: str,
-    *,
-    num_samples: int = 0,
-) -> ProbabilisticEmbedding:
-    """Embed one batch of captions or images with ``model`` on its own device (no gradients)."""
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        if modality == "text":
-            inputs = processor(text=list(items), padding=True, truncation=True, return_tensors="pt")
-            return model.get_text_features(
-                input_ids=inputs["input_ids"].to(device),
-                attention_mask=inputs["attention_mask"].to(device) if "attention_mask" in inputs else None,
-                num_samples=num_samples,
-            )
-        inputs = processor(images=load_images(items), return_tensors="pt")
-        pixel_values = inputs["pixel_values"].to(device=device, dtype=next(model.parameters()).dtype)
-        return model.get_image_features(pixel_values=pixel_values, num_samples=num_samples)
-
-
-def encode_corpus(
-    model: torch.nn.Module,
-    processor: Callable[..., Any],
-    items: Sequence[Any],
-    modality: str,
-    *,
-    batch_size: int = 32,
-    return_attention: bool = False,
-    progress_bar: bool = True,
-) -> ProbabilisticEmbedding:
-    """Embed a whole corpus in batches (with a progress bar); tensors gathered on the CPU in float32."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    was_training = model.training
-    model.eval()  # dropout off: an index must not depend on the luck of a forward pass
-    means, log_sigma2s, attentions = [], [], []
-    try:
-        for rows in tqdm(
-            list(iter_row_chunks(len(items), batch_size)), desc=f"Embedding {modality} corpus", disable=None if progress_bar else True
-        ):
-            out = encode_batch(model, processor, items[rows], modality)
-            means.append(out.mean.float().cpu())
-            if out.log_sigma2 is not None:
-                log_sigma2s.append(out.log_sigma2.float().cpu())
-            if return_attention and out.attention is not None:
-                attentions.append(out.attention.float().cpu())
-    finally:
-        model.train(was_training)
-    return ProbabilisticEmbedding(
-        mean=torch.cat(means),
-        log_sigma2=torch.cat(log_sigma2s) if log_sigma2s else None,
-        attention=_cat_padded(attentions) if attentions else None,
-    )
-
-
-def _cat_padded(attentions: list[torch.Tensor]) -> torch.Tensor:
-    # Image attention maps all have the same length L; this only guards the invariant.
-    lengths = {a.shape[-1] for a in attentions}
-    if len(lengths) != 1:
-        raise ValueError(f"Attention maps of different lengths {sorted(lengths)} cannot be stored together.")
-    return torch.cat(attentions)
+        searcher.add(block(rows))
+    return searcher, nlist
 
 
 __all__ = [
@@ -883,7 +663,11 @@ __all__ = [
     "item_search_vectors",
     "query_search_vectors",
     "require_faiss",
+    "FaissBackend",
+    "SearchBackend",
+    "TorchBackend",
     "infer_modality",
+    "load_images",
     "encode_batch",
     "encode_corpus",
 ]

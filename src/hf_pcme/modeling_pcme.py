@@ -20,17 +20,12 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .configuration_pcme import PCMEConfig
-from .distances import (
-    iter_row_chunks,
-    max_pair_similarity,
-    pairwise_csd,
-    pairwise_sampled_match_log_prob,
-    sample_gaussian,
-)
+from .distances import iter_row_chunks, sample_gaussian
 from .heads import HEADS, UncertaintyBranch
 from .losses import build_loss
 from .outputs import ProbabilisticEmbedding
 from .registry import lookup
+from .scoring import BestPairScore, CosineScore, CSDScore, SampledMatchScore
 from .text_encoder_pcme_original import PCMEOriginalTextModel
 from .text_encoders import PCMEBiGRUModel
 from .text_gcn import PCMETextGCNModel
@@ -384,13 +379,16 @@ class PCMEModel(PCMEPreTrainedModel):
         return torch.cat(logits, dim=0), torch.cat(probabilities, dim=0)
 
     def _pairwise_block(self, image: ProbabilisticEmbedding, text: ProbabilisticEmbedding) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ranking scores, p)`` of one block, by the scores of :mod:`hf_pcme.scoring`
+        (``scoring.default_score(config)`` names the ranking this gives)."""
         a, b = self.negative_scale.float(), self.shift.float()
         if self.config.match_function == "csd" and image.log_sigma2 is not None and text.log_sigma2 is not None:
-            logits = -a * pairwise_csd(image.mean, image.log_sigma2, text.mean, text.log_sigma2) + b
+            logits = a * CSDScore().pairwise(image, text) + b  # -a CSD + b
             return torch.nn.functional.logsigmoid(logits), torch.sigmoid(logits)
-        log_p, _ = pairwise_sampled_match_log_prob(_as_samples(image), _as_samples(text), a, b)
+        log_p = SampledMatchScore(a, b).pairwise(image, text)
         if image.log_sigma2 is None:  # point embeddings rank by cosine; p treats them as zero-variance Gaussians
-            return _max_cosine(image.mean, text.mean), log_p.exp()
+            best_pair = image.mean.dim() == 3 or text.mean.dim() == 3
+            return (BestPairScore() if best_pair else CosineScore()).pairwise(image.mean, text.mean), log_p.exp()
         return log_p, log_p.exp()
 
     # ------------------------------------------------------------------ forward
@@ -473,21 +471,6 @@ def load_pretrained_tower(name_or_path: str | os.PathLike, **kwargs: Any) -> Pre
         if model_type in BUILTIN_TOWERS:
             return BUILTIN_TOWERS[model_type].from_pretrained(name_or_path, **kwargs)
     return AutoModel.from_pretrained(name_or_path, **kwargs)
-
-
-def _as_samples(embedding: ProbabilisticEmbedding) -> torch.Tensor:
-    if embedding.samples is not None:
-        return embedding.samples
-    return embedding.mean if embedding.mean.dim() == 3 else embedding.mean.unsqueeze(1)
-
-
-def _max_cosine(mean_x: torch.Tensor, mean_y: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of (N, D) / (M, D) means, or the max over K x K pairs for (N, K, D) / (M, K, D)."""
-    x = torch.nn.functional.normalize(mean_x.float(), dim=-1)
-    y = torch.nn.functional.normalize(mean_y.float(), dim=-1)
-    if x.dim() == 2:
-        return x @ y.t()
-    return max_pair_similarity(x, y)
 
 
 __all__ = [

@@ -28,17 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModel, Pipeline
+from transformers import AutoModel
+from transformers.pipelines.base import ChunkPipeline
 
 from .distances import sample_gaussian
-from .index import (
-    CrossModalIndex,
-    default_metric,
-    encode_batch,
-    infer_modality,
-    load_images,
-    model_fingerprint,
-)
+from .scoring import default_search_score
+from .encoding import infer_modality, load_images
+from .index import CrossModalIndex, model_fingerprint
 from .outputs import ProbabilisticEmbedding
 from .rerank import candidate_scores, check_rerank_top_k, check_reranker_fits
 from .visualization import attention_heatmap
@@ -56,19 +52,15 @@ CUSTOM_PIPELINES = {
     }
 }
 
-_CALL_PARAMETERS = (
-    "top_k",
-    "return_attention",
-    "metric",
-    "backend",
-    "corpus_modality",
-    "progress_bar",
-    "match_seed",
-    "rerank_top_k",
-)
+#: Call keywords by the pipeline step that uses them (transformers' ``_sanitize_parameters`` contract).
+_PREPROCESS_PARAMETERS = ("corpus", "query_batch_size", "metric", "backend", "corpus_modality", "progress_bar")
+_FORWARD_PARAMETERS = ("top_k", "return_attention", "match_seed", "rerank_top_k")
+_POSTPROCESS_PARAMETERS = ("return_attention",)
+_CALL_PARAMETERS = ("top_k", "return_attention", "metric", "backend", "corpus_modality", "progress_bar",
+                    "match_seed", "rerank_top_k")
 
 
-class CrossModalRetrievalPipeline(Pipeline):
+class CrossModalRetrievalPipeline(ChunkPipeline):
     """Rank a corpus of captions (or images) for image (or caption) queries with a PCME model.
 
     Call with ``images=`` or ``texts=`` (one modality per call) and a ``corpus``: a list of
@@ -78,7 +70,7 @@ class CrossModalRetrievalPipeline(Pipeline):
 
     Keyword arguments (at construction or per call): ``top_k`` (5), ``batch_size`` (queries and
     corpus items per forward pass), ``return_attention`` (False), ``metric`` / ``backend`` for an
-    index built from a corpus list (default: the model's :func:`default_metric`, ``"torch"``),
+    index built from a corpus list (default: the model's :func:`hf_pcme.scoring.default_search_score`, ``"torch"``),
     ``corpus_modality`` (``"auto"``), ``progress_bar`` (True, while a corpus list is embedded),
     ``match_seed`` (default: the model's ``config.inference_seed``, so the Monte-Carlo samples of the
     match probability are reproducible; ``None`` there = fresh noise).
@@ -152,7 +144,7 @@ class CrossModalRetrievalPipeline(Pipeline):
         modality = infer_modality(corpus, "corpus") if modality in (None, "auto") else modality
         kwargs.setdefault("batch_size", self._batch_size or 32)
         kwargs.setdefault("device", self.device)
-        kwargs.setdefault("metric", default_metric(self.model))
+        kwargs.setdefault("metric", default_search_score(self.model.config))
         index = CrossModalIndex.build(self.model, self._processor_for(modality), corpus, modality, **kwargs)
         if self.reranker is not None:
             self._rerank_features[index] = self._local_features(corpus, modality, kwargs["batch_size"])
@@ -165,7 +157,7 @@ class CrossModalRetrievalPipeline(Pipeline):
 
         parts = []
         for start in range(0, len(items), batch_size):
-            inputs = self.preprocess(items[start : start + batch_size], modality=modality)
+            inputs = self._preprocess_queries(items[start : start + batch_size], modality)
             parts.append(self._reranker_features(inputs))
         return concat_local_features(parts)
 
@@ -194,13 +186,7 @@ class CrossModalRetrievalPipeline(Pipeline):
 
     # ------------------------------------------------------------------ call
     def __call__(
-        self,
-        images: Any = None,
-        texts: Any = None,
-        *,
-        corpus: Sequence[Any] | CrossModalIndex | None = None,
-        batch_size: int | None = None,
-        **kwargs: Any,
+        self, images: Any = None, texts: Any = None, *, batch_size: int | None = None, **kwargs: Any
     ) -> dict | list[dict]:
         """Retrieve the ``top_k`` corpus items of each query.
 
@@ -213,30 +199,30 @@ class CrossModalRetrievalPipeline(Pipeline):
             For one query a dict, for a list a list of dicts ``{"query_uncertainty", "results"
             [, "attention", "attention_heatmap"]}``; ``results`` is best first, each
             ``{"id", ["text",] "score", ["distance",] "match_probability", "uncertainty" [, "attention"]}``.
+
+        Only names the queries (``images=`` / ``texts=``, as transformers' own multimodal pipelines
+        do) and hands over to ``Pipeline.__call__``: :meth:`_sanitize_parameters`, then
+        :meth:`preprocess` (one chunk per ``batch_size`` queries), :meth:`_forward` per chunk and
+        :meth:`postprocess` of all chunks.
         """
         images, texts = _query_aliases(images, texts, kwargs)
-        _, forward_params, postprocess_params = self._sanitize_parameters(**kwargs)  # unknown keywords first
+        self._sanitize_parameters(**kwargs)  # unknown keywords first
         queries, modality, single = _queries(images, texts)
-        forward_params = {**self._forward_params, **forward_params}
-        postprocess_params = {**self._postprocess_params, **postprocess_params}
-        batch_size = batch_size or self._batch_size or 8
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-
-        index = self._resolve_index(corpus, batch_size, forward_params)
-        outputs: list[dict] = []
-        for start in range(0, len(queries), batch_size):
-            model_inputs = self.preprocess(queries[start : start + batch_size], modality=modality)
-            model_outputs = self.forward(model_inputs, index=index, **forward_params)
-            outputs.extend(self.postprocess(model_outputs, index=index, **postprocess_params))
+        query_batch_size = batch_size or self._batch_size or 8
+        if query_batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {query_batch_size}.")
+        # batch_size=1 for transformers' loader: each chunk of preprocess is already a batch of queries.
+        outputs = super().__call__(
+            {"queries": queries, "modality": modality}, batch_size=1, query_batch_size=query_batch_size, **kwargs
+        )
         return outputs[0] if single else outputs
 
-    def _resolve_index(self, corpus: Any, batch_size: int, forward_params: dict) -> CrossModalIndex:
+    def _resolve_index(self, corpus: Any, batch_size: int, build_options: dict) -> CrossModalIndex:
         build_options = {
-            "metric": forward_params.pop("metric", None) or default_metric(self.model),
-            "backend": forward_params.pop("backend", "torch"),
-            "modality": forward_params.pop("corpus_modality", "auto"),
-            "progress_bar": forward_params.pop("progress_bar", True),
+            "metric": build_options.get("metric") or default_search_score(self.model.config),
+            "backend": build_options.get("backend", "torch"),
+            "modality": build_options.get("corpus_modality", "auto"),
+            "progress_bar": build_options.get("progress_bar", True),
         }
         if corpus is None:
             index = self._index  # read once: the whole call uses this index even if set_index runs now
@@ -257,21 +243,31 @@ class CrossModalRetrievalPipeline(Pipeline):
         return self.build_index(corpus, batch_size=batch_size, **build_options)
 
     def _sanitize_parameters(self, **kwargs: Any) -> tuple[dict, dict, dict]:
-        unknown = sorted(set(kwargs) - set(_CALL_PARAMETERS))
+        unknown = sorted(set(kwargs) - set(_CALL_PARAMETERS) - {"corpus", "query_batch_size"})
         if unknown:
             raise ValueError(
                 f"Unknown argument(s) {', '.join(unknown)} for the {TASK} pipeline; valid ones are: "
                 f"{', '.join(_CALL_PARAMETERS)}, batch_size, corpus, images, texts."
             )
-        forward_params = {key: kwargs[key] for key in _CALL_PARAMETERS if key in kwargs}
-        postprocess_params = {}
-        if "return_attention" in kwargs:
-            postprocess_params["return_attention"] = kwargs["return_attention"]
-        return {}, forward_params, postprocess_params
+
+        def pick(names: tuple[str, ...]) -> dict[str, Any]:
+            return {key: kwargs[key] for key in names if key in kwargs}
+
+        return pick(_PREPROCESS_PARAMETERS), pick(_FORWARD_PARAMETERS), pick(_POSTPROCESS_PARAMETERS)
 
     # ------------------------------------------------------------------ steps
-    def preprocess(self, queries: Sequence[Any], modality: str = "text") -> dict[str, Any]:
-        """Tokenise captions or load + process images (kept as PIL for the heatmaps)."""
+    def preprocess(
+        self, inputs: dict[str, Any], corpus: Any = None, query_batch_size: int = 8, **build_options: Any
+    ) -> Any:
+        """Resolve the index once (building it from a corpus list), then yield one chunk per
+        ``query_batch_size`` queries: tokenised captions or processed images (PIL kept for the heatmaps)."""
+        queries, modality = inputs["queries"], inputs["modality"]
+        index = self._resolve_index(corpus, query_batch_size, build_options)
+        for start in range(0, len(queries), query_batch_size):
+            chunk = self._preprocess_queries(queries[start : start + query_batch_size], modality)
+            yield {**chunk, "index": index, "is_last": start + query_batch_size >= len(queries)}
+
+    def _preprocess_queries(self, queries: Sequence[Any], modality: str) -> dict[str, Any]:
         processor = self._processor_for(modality)
         if modality == "text":
             inputs = processor(text=list(queries), padding=True, truncation=True, return_tensors="pt")
@@ -287,13 +283,12 @@ class CrossModalRetrievalPipeline(Pipeline):
     def _forward(
         self,
         model_inputs: dict[str, Any],
-        index: CrossModalIndex,
         top_k: int = 5,
         return_attention: bool = False,
         match_seed: int | None = None,
         rerank_top_k: int | None = None,
     ) -> dict[str, Any]:
-        modality = model_inputs["modality"]
+        modality, index = model_inputs["modality"], model_inputs["index"]
         first_stage_k = top_k
         if self.reranker is not None:
             rerank_top_k = check_rerank_top_k(rerank_top_k if rerank_top_k is not None else max(50, top_k), top_k)
@@ -317,6 +312,8 @@ class CrossModalRetrievalPipeline(Pipeline):
             "attention": query.attention if return_attention else None,
             "rerank_scores": None,
             "first_stage_ranks": None,
+            "index": index,
+            "is_last": model_inputs["is_last"],
         }
         if self.reranker is not None:
             outputs = self._rerank(outputs, model_inputs, index, top_k)
@@ -385,8 +382,15 @@ class CrossModalRetrievalPipeline(Pipeline):
                 probabilities[q] = self.model.match_probability(one_query, its_items)[0]
         return probabilities
 
-    def postprocess(
-        self, model_outputs: dict[str, Any], index: CrossModalIndex, return_attention: bool = False
+    def postprocess(self, all_outputs: list[dict[str, Any]], return_attention: bool = False) -> list[dict[str, Any]]:
+        """One result dict per query, over the outputs of every chunk."""
+        outputs = []
+        for model_outputs in all_outputs:
+            outputs.extend(self._postprocess_chunk(model_outputs, model_outputs["index"], return_attention))
+        return outputs
+
+    def _postprocess_chunk(
+        self, model_outputs: dict[str, Any], index: CrossModalIndex, return_attention: bool
     ) -> list[dict[str, Any]]:
         outputs = []
         uncertainty = model_outputs["query_uncertainty"]

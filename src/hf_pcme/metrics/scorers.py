@@ -6,17 +6,13 @@ a few rows at a time, in either orientation, so no caller ever holds the whole m
 - :meth:`ScoreSource.image_rows` -> ``(r, num_texts)``, images as queries (i2t);
 - :meth:`ScoreSource.text_rows` -> ``(r, num_images)``, captions as queries (t2i).
 
-Scorers (``SCORERS``, chosen by name):
+Scorers (``SCORERS``, chosen by name) are the scores of :data:`hf_pcme.scoring.SCORES`, with the
+same names, served block by block (each scorer's ``score`` attribute is its scoring class):
 
-- ``"cosine"``: cosine of the means ``mu_v . mu_t / (|mu_v| |mu_t|)``.
-- ``"csd"``: minus the closed-form sampled distance of PCME++ (Chun, ICLR 2024),
-  ``-(||mu_v - mu_t||^2 + sum sigma_v^2 + sum sigma_t^2)``, computed as one matrix product of
-  augmented vectors (``hf_pcme.distances.score_vectors``).
-- ``"sampled"``: ``log p(match)``, PCME's Monte-Carlo match probability over ``J x J`` sample
-  pairs (Chun et al., CVPR 2021; ``hf_pcme.distances.pairwise_sampled_match_log_prob``), which
-  ranks exactly like ``p``. Needs the model's ``negative_scale`` (a) and ``shift`` (b).
-- ``"polysemous"``: PVSE's best pair, ``max_{i, j} cos(mu_v^i, mu_t^j)`` over ``(N, K, D)`` means
-  (Song & Soleymani, CVPR 2019).
+- ``"cosine"``, ``"polysemous"`` (best pair over K x K), ``"csd"``: one matrix product per block
+  of the score's ``pair_vectors`` (for CSD the augmented vectors of "CSD as an inner product").
+- ``"sampled"``: ``log p(match)`` of PCME over ``J x J`` sample pairs; needs the model's
+  ``negative_scale`` (a) and ``shift`` (b).
 """
 
 from __future__ import annotations
@@ -27,9 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..distances import pairwise_sampled_match_log_prob, sample_gaussian
-from ..distances import best_pair_scores, score_vectors
+from ..distances import best_pair_scores, sample_gaussian
 from ..registry import lookup
+from ..scoring import BestPairScore, CosineScore, CSDScore, SampledMatchScore, Score
 
 
 def as_tensor(value: Any, name: str) -> torch.Tensor:
@@ -133,11 +129,12 @@ def _means(value: Any, name: str, polysemous: bool) -> torch.Tensor:
 class InnerProductScorer(ScoreSource):
     """Cosine, polysemous cosine or CSD: one matrix product per block and nothing else.
 
-    The vectors of :func:`hf_pcme.distances.score_vectors` have the score as their inner product,
+    The ``pair_vectors`` of the scoring class have the score as their inner product,
     CSD included; they are built once, on the first block, and serve both directions. With K
     embeddings per item the score is the max over the K x K pairs.
     """
 
+    score: type[Score] = CosineScore
     metric: str = "cosine"
     polysemous: bool = False
 
@@ -163,7 +160,7 @@ class InnerProductScorer(ScoreSource):
         self._vectors_lock = threading.Lock()  # blocks are scored on several threads
 
     def _log_sigma2(self, value: Any, mean: torch.Tensor, side: str) -> torch.Tensor | None:
-        if self.metric != "csd":
+        if not self.score.needs_variance:
             return None
         if value is None:
             raise ValueError(f"scorer='csd' needs {side}_log_sigma2 (the log variances of the {side} embeddings).")
@@ -189,9 +186,10 @@ class InnerProductScorer(ScoreSource):
     def _score_vectors(self) -> dict[str, torch.Tensor]:
         with self._vectors_lock:
             if self._vectors is None:
+                score = self.score()
                 self._vectors = {
-                    "image": score_vectors(self.image_mean, self.image_log_sigma2, self.metric, "left"),
-                    "text": score_vectors(self.text_mean, self.text_log_sigma2, self.metric, "right"),
+                    "image": score.pair_vectors(self.image_mean, self.image_log_sigma2, "left"),
+                    "text": score.pair_vectors(self.text_mean, self.text_log_sigma2, "right"),
                 }
             return self._vectors
 
@@ -216,18 +214,21 @@ class InnerProductScorer(ScoreSource):
 class CosineScorer(InnerProductScorer):
     """Cosine of the means (PCME's "matmul" ranking; VSE++, InfoNCE)."""
 
+    score = CosineScore
     metric = "cosine"
 
 
 class CSDScorer(InnerProductScorer):
     """``-CSD``, PCME++'s closed-form sampled distance (exact, via augmented vectors)."""
 
+    score = CSDScore
     metric = "csd"
 
 
 class PolysemousScorer(InnerProductScorer):
     """PVSE: the best cosine over the K x K embedding pairs of ``(N, K, D)`` means."""
 
+    score = BestPairScore
     metric = "cosine"
     polysemous = True
 
@@ -239,6 +240,8 @@ class SampledMatchScorer(ScoreSource):
     ``ProbabilisticEmbedding.samples``) or are drawn once, ``num_samples`` per item, from the means
     and log variances with a generator seeded by ``seed``, so both directions see the same samples.
     """
+
+    score = SampledMatchScore
 
     def __init__(
         self,
@@ -261,6 +264,7 @@ class SampledMatchScorer(ScoreSource):
             )
         self.negative_scale = float(as_tensor(negative_scale, "negative_scale").reshape(-1)[0])
         self.shift = float(as_tensor(shift, "shift").reshape(-1)[0])
+        self._score = SampledMatchScore(self.negative_scale, self.shift)
         # different seeds for images and captions, so their noise is independent
         self.image_samples = self._samples(
             image_samples, image_embeds, image_log_sigma2, num_samples, 2 * seed, "image"
@@ -304,10 +308,12 @@ class SampledMatchScorer(ScoreSource):
 
     def _log_prob(self, queries: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return pairwise_sampled_match_log_prob(queries, items, self.negative_scale, self.shift)[0]
+            return self._score.pairwise(queries, items)
 
 
-#: Scorer name -> class. Add a scorer with one line here.
+#: Scorer name -> block source, one per score of :data:`hf_pcme.scoring.SCORES` (same names;
+#: tests/test_scoring.py checks they agree). A new inner-product score is a subclass of
+#: :class:`InnerProductScorer` with ``score = NewScore`` plus one line here.
 SCORERS: dict[str, type[ScoreSource]] = {
     "cosine": CosineScorer,
     "csd": CSDScorer,

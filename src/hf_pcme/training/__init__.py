@@ -5,6 +5,7 @@
     result.model, result.processor, result.metrics, result.output_dir
 """
 
+from .callbacks import StopTraining, TrainerCallback
 from .checkpointing import CheckpointManager, find_latest_checkpoint, is_valid_checkpoint
 from .config import DataRecipe, EvalRecipe, ModelRecipe, Recipe, TrainRecipe, load_recipe, recipe_from_dict
 from .model_card import build_model_card, write_model_card
@@ -17,8 +18,10 @@ __all__ = [
     "ModelRecipe",
     "Recipe",
     "TrainRecipe",
+    "StopTraining",
     "TrainResult",
     "Trainer",
+    "TrainerCallback",
     "build_model_card",
     "find_latest_checkpoint",
     "is_valid_checkpoint",

@@ -134,8 +134,8 @@ class TrainRecipe:
     phase 1 with the towers listed in ``phase1_frozen`` frozen, phase 2 with everything
     trained (each phase: its own AdamW / AdamP and linear warmup + cosine decay). Phase
     lengths are in epochs, or in optimiser steps when ``phase1_steps`` / ``phase2_steps`` are
-    set; ``max_steps`` caps the total. ``stop_after_steps`` ends the run abruptly after that
-    many steps without a final checkpoint, as a kill would (for testing ``--resume``).
+    set; ``max_steps`` caps the total. (To end a run early from code, pass a callback to
+    ``train``: ``hf_pcme.training.callbacks``.)
     ``find_unused_parameters`` is passed to DDP (needed only if some trainable parameter does not
     reach the loss).
 
@@ -182,7 +182,6 @@ class TrainRecipe:
     greater_is_better: bool = True
     load_best_at_end: bool = False
     log_every: int = 10
-    stop_after_steps: int | None = None
     freeze_uncertainty: bool = False
     duplicate_caption_positives: bool = False
     duplicate_caption_inclusion: bool = False
@@ -391,7 +390,7 @@ def _validate_values(recipe: Recipe) -> None:
         "data.num_workers": recipe.data.num_workers,
         "data.pixel_cache_max_gb": recipe.data.pixel_cache_max_gb,
     }
-    for key in ("phase1_steps", "phase2_steps", "max_steps", "stop_after_steps"):
+    for key in ("phase1_steps", "phase2_steps", "max_steps"):
         if getattr(recipe.train, key) is not None:
             non_negative[f"train.{key}"] = getattr(recipe.train, key)
     for key, value in non_negative.items():

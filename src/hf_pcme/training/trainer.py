@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .adversarial import build_modality_classifier
+from .callbacks import StopTraining, TrainerCallback
 from .builders import build_model, build_processor, build_training_module, needs_training_captions
 from .checkpointing import CheckpointManager, read_checkpoint_state, write_directory_atomically
 from .config import Recipe
@@ -102,7 +103,7 @@ class TrainResult:
         output_dir: where the model, processor, card, logs and checkpoints are.
         global_step: optimiser steps done.
         best_metric: best value of ``train.best_metric`` seen, if any.
-        interrupted: True when the run stopped early at ``train.stop_after_steps``.
+        interrupted: True when a callback stopped the run early (:class:`~hf_pcme.training.callbacks.StopTraining`).
         best_step: the step of ``best_metric`` (its model is in ``output_dir/best``), if any.
     """
 
@@ -114,10 +115,6 @@ class TrainResult:
     best_metric: float | None = None
     interrupted: bool = False
     best_step: int | None = None
-
-
-class _StopRequested(Exception):
-    """Raised after ``train.stop_after_steps`` steps, to end the run as a kill would (no final save)."""
 
 
 def plan_phases(recipe: Recipe, steps_per_epoch: int) -> list[Phase]:
@@ -162,8 +159,11 @@ def _flat_config(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 class Trainer:
     """Runs one recipe. Use :func:`train` unless you need the pieces (``setup``, ``evaluate``)."""
 
-    def __init__(self, recipe: Recipe, accelerator: Accelerator | None = None):
+    def __init__(
+        self, recipe: Recipe, accelerator: Accelerator | None = None, callbacks: list[TrainerCallback] | None = None
+    ):
         self.recipe = recipe
+        self.callbacks = list(callbacks or [])  # see training/callbacks.py
         self.output_dir = Path(recipe.output_dir)
         if accelerator is None:
             accelerator = Accelerator(
@@ -304,7 +304,7 @@ class Trainer:
                     f"Cannot resume from {resume_from}: it was saved in phase {state.phase + 1}, which this recipe "
                     "no longer has (phase lengths changed?)."
                 )
-        except _StopRequested:
+        except StopTraining:
             self.progress.close()
             self._finish_trackers()
             return TrainResult(self.model, self.processor, dict(state.last_metrics), self.output_dir,
@@ -373,8 +373,8 @@ class Trainer:
             self._evaluate_and_track(state)
         if step % train.checkpoint_every == 0:
             self._save_checkpoint(state)
-        if train.stop_after_steps is not None and step >= train.stop_after_steps:
-            raise _StopRequested()
+        for callback in self.callbacks:
+            callback.on_step_end(self, step)
 
     # ------------------------------------------------------------------------------------ eval / save
     def evaluate(self) -> dict[str, float]:
@@ -483,17 +483,23 @@ class Trainer:
 
 
 def train(
-    recipe: Recipe, resume: bool = False, push_to_hub: str | None = None, accelerator: Accelerator | None = None
+    recipe: Recipe,
+    resume: bool = False,
+    push_to_hub: str | None = None,
+    accelerator: Accelerator | None = None,
+    callbacks: list[TrainerCallback] | None = None,
 ) -> TrainResult:
     """Train the model a recipe describes; see the module docstring. ``resume`` continues the latest checkpoint.
 
     A recipe with ``stages`` runs them in order (:class:`~hf_pcme.training.stages.StagedTrainer`).
+    ``callbacks``: :class:`~hf_pcme.training.callbacks.TrainerCallback` instances (``on_step_end``; one
+    may raise :class:`~hf_pcme.training.callbacks.StopTraining` to end the run as a kill would).
     """
     if recipe.stages:
         from .stages import StagedTrainer
 
-        return StagedTrainer(recipe, accelerator).train(resume=resume, push_to_hub=push_to_hub)
-    return Trainer(recipe, accelerator).train(resume=resume, push_to_hub=push_to_hub)
+        return StagedTrainer(recipe, accelerator, callbacks).train(resume=resume, push_to_hub=push_to_hub)
+    return Trainer(recipe, accelerator, callbacks).train(resume=resume, push_to_hub=push_to_hub)
 
 
 __all__ = ["Phase", "TrainResult", "Trainer", "TrainerState", "plan_phases", "train"]
