@@ -6,7 +6,8 @@
 1. trains PCME (``configs/shapes_pcme.yaml``), PCME++ (``configs/shapes_pcmepp.yaml``: CSD loss
    with pseudo-positives), the ProLIP-style inclusion recipe (``configs/shapes_prolip_dupincl.yaml``:
    PCME++ plus "image inside caption" and "caption inside word-dropped caption" inclusion terms,
-   where a caption must include every image whose training caption has the same text; issue 12)
+   where a caption must include every image whose training caption has the same text;
+   docs/uncertainty.md)
    and the deterministic baseline (``configs/shapes_deterministic.yaml``), all with the same towers,
    data and schedule; ``--ablations`` adds PCME with frozen sigma (``shapes_pcme_frozen_sigma.yaml``)
    and a deterministic head trained with PCME++'s loss (``shapes_csd_deterministic.yaml``);

@@ -1,4 +1,4 @@
-"""The uncertainty study of issue 12: every shapes recipe x several seeds, one table (docs/uncertainty.md).
+"""The uncertainty study (docs/uncertainty.md): every shapes recipe x several seeds, one table (docs/uncertainty.md).
 
     python scripts/uncertainty_study.py [--recipes pcme pcme++ ...] [--seeds 0 1 2] [--output-dir runs/study]
                                         [--quick] [key=value ...]

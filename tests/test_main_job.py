@@ -1,4 +1,4 @@
-"""The main job end to end in its --quick mode: train three models, evaluate, save, reload, retrieve, report.
+"""The main job end to end in its --quick mode: train four models, evaluate, save, reload, retrieve, report.
 
 The quick run's metrics must equal ``tests/reference/main_job_quick.json``, written in the pinned
 environment (``constraints.txt``). After a change that moves the numbers on purpose, regenerate it:

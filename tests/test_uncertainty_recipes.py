@@ -1,4 +1,4 @@
-"""Issue 12 recipes: the inclusion loss, CSD on points, soft targets, word dropping, mixing, duplicate
+"""Uncertainty recipes: the inclusion loss, CSD on points, soft targets, word dropping, mixing, duplicate
 positives and the frozen-sigma ablation, each against values computed independently here."""
 
 from __future__ import annotations

@@ -139,7 +139,7 @@ class TrainRecipe:
     ``find_unused_parameters`` is passed to DDP (needed only if some trainable parameter does not
     reach the loss).
 
-    Uncertainty recipes (``hf_pcme.training.augment``, issue 12): ``freeze_uncertainty`` fixes every
+    Uncertainty recipes (``hf_pcme.training.augment``, docs/uncertainty.md): ``freeze_uncertainty`` fixes every
     log variance at ``model.init_log_sigma2`` (the "without uncertainty" ablation);
     ``duplicate_caption_positives`` makes captions with identical text positives of each other's
     images; ``duplicate_caption_inclusion`` does so for the ``prolip`` inclusion term only (the
