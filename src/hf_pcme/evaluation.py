@@ -146,13 +146,6 @@ def retrieval_metrics(
     """
     from .metrics import evaluate_retrieval
 
-    scorer = scorer or default_scorer(model)
-    config = model.config
-    if seed is None:
-        seed = getattr(config, "inference_seed", None)
-        seed = 0 if seed is None else seed
-    if num_samples is None:
-        num_samples = getattr(config, "num_samples", 7)
     text_to_image = view.text_to_image
     plausibility = view.plausibility
     if caption_rows is not None:
@@ -161,25 +154,49 @@ def retrieval_metrics(
         text_to_image = text_to_image[caption_rows]
         if plausibility is not None:
             plausibility = plausibility(np.arange(view.num_images), caption_rows)
-    return evaluate_retrieval(
-        text_to_image=text_to_image,
+    inputs = retrieval_inputs(model, view, image_embeds, text_embeds, scorer=scorer, seed=seed, num_samples=num_samples)
+    inputs.update(text_to_image=text_to_image, plausibility=plausibility)
+    return evaluate_retrieval(**inputs, protocol=protocol, image_ids=image_ids, text_ids=text_ids)
+
+
+def retrieval_inputs(
+    model: Any,
+    view: Any,
+    image_embeds: ProbabilisticEmbedding,
+    text_embeds: ProbabilisticEmbedding,
+    *,
+    scorer: str | None = None,
+    seed: int | None = None,
+    num_samples: int | None = None,
+) -> dict[str, Any]:
+    """The keyword arguments of :func:`hf_pcme.metrics.evaluate_retrieval` for a model's embeddings of a split.
+
+    The model's own score (:func:`default_scorer`) unless ``scorer`` is given, its ``a`` and ``b``,
+    the split's relevance (pairs, labels, classes, plausibility), and for sampled scores ``seed``
+    (default ``config.inference_seed``, else 0) and ``num_samples`` (default ``config.num_samples``).
+    """
+    config = model.config
+    if seed is None:
+        seed = getattr(config, "inference_seed", None)
+        seed = 0 if seed is None else seed
+    if num_samples is None:
+        num_samples = getattr(config, "num_samples", 7)
+    return dict(
+        text_to_image=view.text_to_image,
         image_embeds=image_embeds.mean,
         text_embeds=text_embeds.mean,
         image_log_sigma2=image_embeds.log_sigma2,
         text_log_sigma2=text_embeds.log_sigma2,
         image_samples=image_embeds.samples,
         text_samples=text_embeds.samples,
-        scorer=scorer,
+        scorer=scorer or default_scorer(model),
         negative_scale=model.negative_scale.detach().float(),
         shift=model.shift.detach().float(),
         image_labels=view.image_labels,
         image_classes=view.image_classes,
-        plausibility=plausibility,
-        protocol=protocol,
+        plausibility=view.plausibility,
         num_samples=num_samples,
         seed=seed,
-        image_ids=image_ids,
-        text_ids=text_ids,
     )
 
 

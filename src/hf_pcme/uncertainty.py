@@ -570,21 +570,10 @@ def compute_uncertainty_report(
     """
     num_bins = _check_num_bins(num_bins)
     calibration_bins = _check_num_bins(calibration_bins, "calibration_bins")
+    from .evaluation import retrieval_inputs
+
     metrics, per_query = _evaluate_per_query(
-        text_to_image=view.text_to_image,
-        image_embeds=image_embeds.mean,
-        text_embeds=text_embeds.mean,
-        image_log_sigma2=image_embeds.log_sigma2,
-        text_log_sigma2=text_embeds.log_sigma2,
-        image_samples=image_embeds.samples,
-        text_samples=text_embeds.samples,
-        scorer=scorer,
-        negative_scale=model.negative_scale.detach().float(),
-        shift=model.shift.detach().float(),
-        image_labels=view.image_labels,
-        image_classes=view.image_classes,
-        plausibility=view.plausibility,
-        seed=seed,
+        **retrieval_inputs(model, view, image_embeds, text_embeds, scorer=scorer, seed=seed)
     )
     arrays: dict[str, np.ndarray] = {f"{d}_{k}": v for d, m in per_query.items() for k, v in m.as_dict().items()}
     vagueness, binned, auroc, levels = {}, {}, {}, []
