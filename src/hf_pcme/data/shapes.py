@@ -374,12 +374,17 @@ class ShapesExample:
     texts: list[str]
 
 
+def draw_scene(seed: int, split: str, index: int, image_size: int = 64) -> tuple[ImageSpec, Image.Image, np.random.Generator]:
+    """The shapes and pixels of image ``index`` of ``split``, and the generator the captions draw from next."""
+    rng = np.random.default_rng([seed, SPLIT_NUMBERS[split], index])
+    shapes = sample_image_spec(rng)
+    return shapes, render_image(shapes, image_size, rng), rng
+
+
 def generate_example(seed: int, split: str, index: int, captions_per_image: int = NUM_LEVELS,
                      image_size: int = 64) -> ShapesExample:
     """Image ``index`` of ``split``: the same arguments always give the same pixels and captions."""
-    rng = np.random.default_rng([seed, SPLIT_NUMBERS[split], index])
-    shapes = sample_image_spec(rng)
-    image = render_image(shapes, image_size, rng)
+    shapes, image, rng = draw_scene(seed, split, index, image_size)
     captions = [describe(shapes, k % NUM_LEVELS, rng) for k in range(captions_per_image)]
     return ShapesExample(image, shapes, captions, [caption_text(c) for c in captions])
 

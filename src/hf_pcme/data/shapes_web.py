@@ -44,9 +44,9 @@ from hf_pcme.data.shapes import (
     SIZES,
     SPLIT_NUMBERS,
     Shape,
+    Shapes,
     ShapesConfig,
-    render_image,
-    sample_image_spec,
+    draw_scene,
 )
 from hf_pcme.registry import check_choice
 
@@ -105,8 +105,8 @@ class ShapesWebConfig(ShapesConfig):
     tag_spurious_rate: float = 0.3
 
 
-class ShapesWeb(datasets.ArrowBasedBuilder):
-    """``datasets`` builder for shapes images with noisy tags (no input files)."""
+class ShapesWeb(Shapes):
+    """``datasets`` builder for shapes images with noisy tags (no input files); the splits of :class:`Shapes`."""
 
     BUILDER_CONFIG_CLASS = ShapesWebConfig
 
@@ -114,20 +114,11 @@ class ShapesWeb(datasets.ArrowBasedBuilder):
         return datasets.DatasetInfo(description="Generated shapes images with web-like noisy tags.",
                                     features=shapes_web_features())
 
-    def _split_generators(self, dl_manager: Any) -> list[datasets.SplitGenerator]:
-        sizes = {"train": self.config.num_train_images, "val": self.config.num_val_images,
-                 "test": self.config.num_test_images}
-        return [datasets.SplitGenerator(name=split, gen_kwargs={"split": split, "num_images": size})
-                for split, size in sizes.items() if size > 0]
-
     def _generate_tables(self, split: str, num_images: int) -> Iterator[tuple[str, Any]]:
         config = self.config
         batcher = ArrowBatcher(self.info.features)
         for index in range(num_images):
-            # The same draws as shapes.generate_example: identical scene and pixels.
-            rng = np.random.default_rng([config.seed, SPLIT_NUMBERS[split], index])
-            scene = sample_image_spec(rng)
-            image = render_image(scene, config.image_size, rng)
+            scene, image, _ = draw_scene(config.seed, split, index, config.image_size)  # shapes' own scene and pixels
             noise = np.random.default_rng([config.seed, SPLIT_NUMBERS[split], index, _NOISE_STREAM])
             tags = noisy_tags(scene, noise, config.tag_drop_rate, config.tag_swap_rate, config.tag_spurious_rate)
             buffer = io.BytesIO()
