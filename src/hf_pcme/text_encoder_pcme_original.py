@@ -18,10 +18,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import PreTrainedModel
-from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .configuration_pcme_original_text import PCMEOriginalTextConfig
+from .text_encoders import init_word_and_gru_weights
 
 
 def _output_at_last_token(gru: nn.GRU, embedded: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -49,13 +49,7 @@ class PCMEOriginalTextModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, nn.Embedding):
-            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
-            if module.padding_idx is not None:
-                init.zeros_(module.weight[module.padding_idx])
-        elif isinstance(module, nn.GRU):
-            for name, param in module.named_parameters():
-                (init.xavier_uniform_ if "weight" in name else init.zeros_)(param)
+        init_word_and_gru_weights(module, self.config.initializer_range)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.word_embeddings

@@ -19,6 +19,18 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from .configuration_text_encoders import PCMEBiGRUConfig
 
 
+@torch.no_grad()
+def init_word_and_gru_weights(module: nn.Module, initializer_range: float) -> None:
+    """Word embeddings ~ N(0, initializer_range) with a zero padding row; GRU weights Xavier-uniform, biases 0."""
+    if isinstance(module, nn.Embedding):
+        init.normal_(module.weight, mean=0.0, std=initializer_range)
+        if module.padding_idx is not None:
+            init.zeros_(module.weight[module.padding_idx])
+    elif isinstance(module, nn.GRU):
+        for name, param in module.named_parameters():
+            (init.xavier_uniform_ if "weight" in name else init.zeros_)(param)
+
+
 class PCMEBiGRUModel(PreTrainedModel):
     config_class = PCMEBiGRUConfig
     config: PCMEBiGRUConfig
@@ -40,16 +52,7 @@ class PCMEBiGRUModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, nn.Embedding):
-            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
-            if module.padding_idx is not None:
-                init.zeros_(module.weight[module.padding_idx])
-        elif isinstance(module, nn.GRU):
-            for name, param in module.named_parameters():
-                if "weight" in name:
-                    init.xavier_uniform_(param)
-                else:
-                    init.zeros_(param)
+        init_word_and_gru_weights(module, self.config.initializer_range)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.word_embeddings
