@@ -12,35 +12,13 @@ from ..configuration_pcme import PCMEConfig
 from ..modeling_pcme import BUILTIN_TOWERS, PCMEModel, load_pretrained_tower
 from ..processing_pcme import PCMEProcessor
 from ..tokenization import build_word_level_tokenizer
-from .config import ModelRecipe, Recipe
+from .config import ModelRecipe, Recipe, pcme_config_kwargs
 
 logger = logging.getLogger(__name__)
 
 #: ImageNet statistics: what the pretrained CNN towers expect, and the default otherwise.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-#: ModelRecipe fields that are PCMEConfig fields of the same name.
-_CONFIG_FIELDS = (
-    "embed_dim",
-    "head_type",
-    "num_embeds",
-    "num_samples",
-    "attention_hidden_dim",
-    "head_dropout",
-    "loss_type",
-    "loss_kwargs",
-    "init_negative_scale",
-    "init_shift",
-    "match_function",
-    "init_log_sigma2",
-)
-
-
-def pcme_config_kwargs(model: ModelRecipe) -> dict[str, Any]:
-    """The :class:`~hf_pcme.PCMEConfig` keyword arguments of a model recipe (all but the towers)."""
-    return {name: getattr(model, name) for name in _CONFIG_FIELDS}
-
 
 def _uses_builtin_text_tower(model: ModelRecipe) -> bool:
     if model.text_tower is not None:

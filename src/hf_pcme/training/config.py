@@ -3,11 +3,11 @@
 A recipe is a YAML file with four sections (``model``, ``data``, ``train``, ``eval``) plus a few
 top-level keys. Every key is checked against the dataclasses below *before* anything is built:
 an unknown key or a value of the wrong type raises a ``ValueError`` that names the key and lists
-the valid keys of its section (with a close match when there is one)::
+the valid keys of its section (with a close match when there is one; :mod:`.recipe_schema`)::
 
     recipe = load_recipe("configs/shapes_pcme.yaml", ["train.max_steps=20", "output_dir=runs/x"])
 
-Override values are parsed as YAML scalars (``20`` -> int, ``1e-4`` -> float, ``true`` -> bool,
+Override values (:mod:`.recipe_yaml`) are parsed as YAML scalars (``20`` -> int, ``1e-4`` -> float, ``true`` -> bool,
 ``null`` -> None, ``[vision]`` -> list), so they have the same types as in the file. Dictionary
 fields (``model.loss_kwargs``, ``data.options``) accept any key below them
 (``model.loss_kwargs.vib_beta=1e-3``).
@@ -16,9 +16,9 @@ fields (``model.loss_kwargs``, ``data.options``) accept any key below them
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import inspect
 import re
-import types
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,38 +26,49 @@ from typing import Any, Literal
 
 import yaml
 
-from ..configuration_pcme import MATCH_FUNCTIONS
+from ..configuration_pcme import PCMEConfig
 from ..heads import HEADS
 from ..losses import LOSSES
 from ..registry import check_choice
+from .recipe_schema import build_section
+from .recipe_yaml import apply_overrides, parse_override, parse_yaml
+
+#: PCMEConfig arguments the model section does not take as such: the towers are resolved by the
+#: builder from ``vision_tower`` / ``vision_config`` (and the text ones).
+_TOWER_ARGUMENTS = ("vision_config", "text_config")
 
 
-class _RecipeLoader(yaml.SafeLoader):
-    """YAML loader that also reads ``1e-4`` as a float (YAML 1.1, and so PyYAML, needs ``1.0e-4``)."""
+def _pcme_config_arguments() -> list[tuple[str, Any, Any]]:
+    """``(name, type, field)`` of each field :class:`~hf_pcme.PCMEConfig` declares itself, for the recipe.
+
+    Derived rather than listed, so a new config field (a head or loss setting) is a recipe key with
+    PCMEConfig's type and default, with no edit here. A mapping defaults to an empty one (PCMEConfig
+    turns ``None`` into ``{}`` too), so dotted overrides such as ``model.loss_kwargs.vib_beta`` apply.
+    """
+    namespace = vars(sys.modules[PCMEConfig.__module__])
+    defaults = {f.name: f.default for f in dataclasses.fields(PCMEConfig)}
+    arguments = []
+    for name, annotation in inspect.get_annotations(PCMEConfig).items():
+        if name in _TOWER_ARGUMENTS:
+            continue
+        tp = eval(annotation, namespace) if isinstance(annotation, str) else annotation  # noqa: S307 - our own annotations
+        default = field(default_factory=dict) if dict in typing.get_args(tp) else field(default=defaults[name])
+        arguments.append((name, tp, default))
+    return arguments
 
 
-_RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
+_PCMEConfigArguments = dataclasses.make_dataclass("_PCMEConfigArguments", _pcme_config_arguments())
+_PCMEConfigArguments.__module__ = __name__
 
-
-def parse_yaml(text: str) -> Any:
-    """Parse YAML text with the recipe loader (``1e-4`` is a float)."""
-    return yaml.load(text, Loader=_RecipeLoader)
+#: The model-section keys that are :class:`~hf_pcme.PCMEConfig` arguments (all but the towers).
+PCME_CONFIG_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(_PCMEConfigArguments))
 
 
 @dataclass
-class ModelRecipe:
-    """How to build the :class:`~hf_pcme.PCMEModel` (fields of :class:`~hf_pcme.PCMEConfig` plus where towers come from).
+class ModelRecipe(_PCMEConfigArguments):
+    """How to build the :class:`~hf_pcme.PCMEModel`: every :class:`~hf_pcme.PCMEConfig` argument but the
+    towers (``embed_dim``, ``head_type``, ``loss_type``, ``loss_kwargs``, ...: same names, types and
+    defaults, checked by PCMEConfig itself) plus where the towers come from.
 
     Towers: ``vision_tower`` / ``text_tower`` name pretrained weights (a hub id such as
     ``microsoft/resnet-152`` or a local folder); without them the tower is built randomly
@@ -81,22 +92,15 @@ class ModelRecipe:
     word_embeddings: str | None = None
     vocab_min_frequency: int = 1
     max_caption_length: int = 64
-    embed_dim: int = 1024
-    head_type: str = "probabilistic"  # a name in hf_pcme.heads.HEADS
-    num_embeds: int = 2
-    num_samples: int = 7
-    attention_hidden_dim: int | None = None
-    head_dropout: float = 0.0
-    loss_type: str = "pcme"  # a name in hf_pcme.losses.LOSSES
-    loss_kwargs: dict = field(default_factory=dict)
-    init_negative_scale: float = 15.0
-    init_shift: float = 15.0
-    init_log_sigma2: float | None = None
-    match_function: str = "sampled"  # a name in hf_pcme.configuration_pcme.MATCH_FUNCTIONS
     # IMRAM re-ranker (hf_pcme.training.builders_imram): ``architecture: imram`` trains an IMRAMModel on
     # the towers of the dual encoder in ``pretrained`` (or on new towers); ``imram`` holds IMRAMConfig fields.
     architecture: Literal["pcme", "imram"] = "pcme"
     imram: dict = field(default_factory=dict)
+
+
+def pcme_config_kwargs(model: ModelRecipe) -> dict[str, Any]:
+    """The :class:`~hf_pcme.PCMEConfig` keyword arguments of a model recipe (all but the towers)."""
+    return {name: getattr(model, name) for name in PCME_CONFIG_FIELDS}
 
 
 @dataclass
@@ -263,245 +267,90 @@ class Recipe:
 
 
 # ---------------------------------------------------------------------------------------- checking
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(v) for v in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(arg) for arg in typing.get_args(tp))
-    if origin is list:
-        (item,) = typing.get_args(tp) or (Any,)
-        return f"a list of {_type_name(item)}"
-    if tp is type(None):
-        return "null"
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    return getattr(tp, "__name__", str(tp))
+def _check_model(model: ModelRecipe) -> None:
+    """Names against their registries, then PCMEConfig's own checks on the model section (default towers)."""
+    # The registries are the one list of choices: a new head or loss is one file plus one registry line.
+    check_choice(model.head_type, HEADS, "recipe key 'model.head_type':")
+    check_choice(model.loss_type, LOSSES, "recipe key 'model.loss_type':")
+    try:
+        PCMEConfig(**pcme_config_kwargs(model))
+    except (TypeError, ValueError) as error:
+        message = str(error)
+        named = [(message.find(name), name) for name in PCME_CONFIG_FIELDS if re.search(rf"\b{name}\b", message)]
+        where = f"key 'model.{min(named)[1]}'" if named else "section 'model'"
+        raise ValueError(f"Recipe {where}: {message}") from None
+    if model.max_caption_length < 1:
+        raise ValueError(f"Recipe key 'model.max_caption_length' must be >= 1, got {model.max_caption_length}.")
+    if model.pretrained is None and model.vision_tower is None and model.vision_config is None:
+        raise ValueError("The recipe names no image tower: set 'model.vision_tower' (hub id or folder), "
+                         "'model.vision_config' (a dict with model_type) or 'model.pretrained'.")
 
 
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp`` (converting int -> float); raise naming ``key``."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ValueError(f"Recipe key {key!r} must be a mapping of its keys, got {value!r}.")
-        return _build(tp, value, key)
-    if origin in (typing.Union, types.UnionType):
-        errors = []
-        for arg in typing.get_args(tp):
-            try:
-                return _convert(value, arg, key)
-            except ValueError as error:
-                errors.append(error)
-        raise ValueError(f"Recipe key {key!r} must be {_type_name(tp)}, got {value!r} ({type(value).__name__}).")
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value is False and "no" in choices:
-            return "no"  # YAML 1.1 reads a bare `no` as false (mixed_precision: no)
-        if value in choices and not isinstance(value, bool):
-            return value
-        raise ValueError(f"Recipe key {key!r} must be {_type_name(tp)}, got {value!r}.")
-    if origin is list:
-        if not isinstance(value, list):
-            raise ValueError(f"Recipe key {key!r} must be {_type_name(tp)}, got {value!r} ({type(value).__name__}).")
-        (item,) = typing.get_args(tp) or (Any,)
-        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is Any:
-        return value
-    if tp is type(None):
-        if value is None:
-            return None
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif tp is dict:
-        if isinstance(value, dict):
-            return value
-    else:  # pragma: no cover - only the annotations above are used in this module
-        raise TypeError(f"Unsupported recipe annotation {tp!r} for {key!r}.")
-    raise ValueError(f"Recipe key {key!r} must be {_type_name(tp)}, got {value!r} ({type(value).__name__}).")
-
-
-def _unknown_key_error(section: str, name: str, valid: list[str]) -> ValueError:
-    full = f"{section}.{name}" if section else name
-    close = difflib.get_close_matches(name, valid, n=1)
-    hint = f" Did you mean {(f'{section}.{close[0]}' if section else close[0])!r}?" if close else ""
-    where = f"section {section!r}" if section else "the top level"
-    return ValueError(f"Unknown recipe key {full!r}.{hint} Valid keys of {where} are: {', '.join(valid)}.")
-
-
-def _build(cls: type, values: dict[str, Any], section: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    valid = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for name, value in values.items():
-        if name not in hints or name not in valid:
-            raise _unknown_key_error(section, str(name), valid)
-        key = f"{section}.{name}" if section else name
-        kwargs[name] = _convert(value, hints[name], key)
-    return cls(**kwargs)
+def _check_ranges(recipe: Recipe) -> None:
+    """Bounds that types alone cannot express: ``(key, value, low, high)``, ``None`` values skipped."""
+    train, data = recipe.train, recipe.data
+    at_least_one = ("batch_size", "grad_accum", "checkpoint_every", "keep_last", "log_every")
+    non_negative = ("lr", "phase2_lr_multiplier", "tower_lr_multiplier", "uncertainty_lr_multiplier", "weight_decay",
+                    "warmup_steps", "phase1_epochs", "phase2_epochs", "eval_every", "phase1_steps", "phase2_steps",
+                    "max_steps")
+    bounds = [(f"train.{name}", getattr(train, name), 1, None) for name in at_least_one]
+    bounds += [("eval.batch_size", recipe.eval.batch_size, 1, None), ("data.image_size", data.image_size, 1, None)]
+    bounds += [(f"train.{name}", getattr(train, name), 0, None) for name in non_negative]
+    bounds += [("data.num_workers", data.num_workers, 0, None), ("data.pixel_cache_max_gb", data.pixel_cache_max_gb, 0, None)]
+    bounds += [(f"train.{name}", getattr(train, name), 0.0, 1.0)
+               for name in ("mix_batch_ratio", "partial_caption_ratio", "min_lr_ratio")]
+    if train.modality_classifier:
+        bounds += [(f"train.{name}", getattr(train, name), 1, None)
+                   for name in ("modality_classifier_hidden_dim", "modality_classifier_ramp_steps")]
+        bounds += [("train.modality_classifier_weight", train.modality_classifier_weight, 0, None)]
+    for index, stage in enumerate(recipe.stages):
+        bounds += [(f"stages[{index}].{name}", getattr(stage, name), 0, None) for name in ("epochs", "steps", "lr")]
+    for key, value, low, high in bounds:
+        if value is not None and high is None and value < low:
+            raise ValueError(f"Recipe key {key!r} must be >= {low}, got {value}.")
+        if value is not None and high is not None and not low <= value <= high:
+            raise ValueError(f"Recipe key {key!r} must be in [{low:g}, {high:g}], got {value}.")
+    if not 0.0 <= train.word_drop_prob < 1.0:
+        raise ValueError(f"Recipe key 'train.word_drop_prob' must be in [0, 1), got {train.word_drop_prob}.")
+    if train.grad_clip is not None and train.grad_clip <= 0:
+        raise ValueError("Recipe key 'train.grad_clip' must be > 0, or null for no clipping.")
 
 
 def _validate_values(recipe: Recipe) -> None:
-    """Range checks that types alone cannot express, and names checked against their registries."""
-    # The registries are the one list of choices: a new head, loss or match function is one file plus
-    # one registry line, and recipes accept it without an edit here.
-    for key, registry, value in (
-        ("model.head_type", HEADS, recipe.model.head_type),
-        ("model.loss_type", LOSSES, recipe.model.loss_type),
-        ("model.match_function", MATCH_FUNCTIONS, recipe.model.match_function),
-    ):
-        check_choice(value, registry, f"recipe key {key!r}:")
-    positive = {
-        "train.batch_size": recipe.train.batch_size,
-        "train.grad_accum": recipe.train.grad_accum,
-        "train.checkpoint_every": recipe.train.checkpoint_every,
-        "train.keep_last": recipe.train.keep_last,
-        "train.log_every": recipe.train.log_every,
-        "eval.batch_size": recipe.eval.batch_size,
-        "model.embed_dim": recipe.model.embed_dim,
-        "model.num_samples": recipe.model.num_samples,
-        "model.num_embeds": recipe.model.num_embeds,
-        "model.max_caption_length": recipe.model.max_caption_length,
-        "data.image_size": recipe.data.image_size,
-    }
-    for key, value in positive.items():
-        if value < 1:
-            raise ValueError(f"Recipe key {key!r} must be >= 1, got {value}.")
-    non_negative = {
-        "train.lr": recipe.train.lr,
-        "train.phase2_lr_multiplier": recipe.train.phase2_lr_multiplier,
-        "train.tower_lr_multiplier": recipe.train.tower_lr_multiplier,
-        "train.uncertainty_lr_multiplier": recipe.train.uncertainty_lr_multiplier,
-        "train.weight_decay": recipe.train.weight_decay,
-        "train.warmup_steps": recipe.train.warmup_steps,
-        "train.phase1_epochs": recipe.train.phase1_epochs,
-        "train.phase2_epochs": recipe.train.phase2_epochs,
-        "train.eval_every": recipe.train.eval_every,
-        "data.num_workers": recipe.data.num_workers,
-        "data.pixel_cache_max_gb": recipe.data.pixel_cache_max_gb,
-    }
-    for key in ("phase1_steps", "phase2_steps", "max_steps"):
-        if getattr(recipe.train, key) is not None:
-            non_negative[f"train.{key}"] = getattr(recipe.train, key)
-    for key, value in non_negative.items():
-        if value < 0:
-            raise ValueError(f"Recipe key {key!r} must be >= 0, got {value}.")
-    for key in ("mix_batch_ratio", "partial_caption_ratio"):
-        if not 0.0 <= getattr(recipe.train, key) <= 1.0:
-            raise ValueError(f"Recipe key 'train.{key}' must be in [0, 1], got {getattr(recipe.train, key)}.")
-    if not 0.0 <= recipe.train.word_drop_prob < 1.0:
-        raise ValueError(f"Recipe key 'train.word_drop_prob' must be in [0, 1), got {recipe.train.word_drop_prob}.")
-    if recipe.train.duplicate_caption_inclusion and recipe.model.loss_type != "prolip":
+    """Checks that types alone cannot express: names, ranges, and keys that only make sense together."""
+    _check_model(recipe.model)
+    _check_ranges(recipe)
+    train, model = recipe.train, recipe.model
+    if train.duplicate_caption_inclusion and model.loss_type != "prolip":
         raise ValueError("Recipe key 'train.duplicate_caption_inclusion' acts on the inclusion term of "
-                         f"model.loss_type 'prolip', but the loss is {recipe.model.loss_type!r}: use loss_type "
+                         f"model.loss_type 'prolip', but the loss is {model.loss_type!r}: use loss_type "
                          "prolip or remove the key.")
-    if recipe.train.freeze_uncertainty and recipe.model.head_type != "probabilistic":
+    if train.freeze_uncertainty and model.head_type != "probabilistic":
         raise ValueError("Recipe key 'train.freeze_uncertainty' needs model.head_type 'probabilistic' "
-                         f"(a {recipe.model.head_type!r} head has no variance).")
-    if not 0.0 <= recipe.train.min_lr_ratio <= 1.0:
-        raise ValueError(f"Recipe key 'train.min_lr_ratio' must be in [0, 1], got {recipe.train.min_lr_ratio}.")
-    if recipe.train.grad_clip is not None and recipe.train.grad_clip <= 0:
-        raise ValueError("Recipe key 'train.grad_clip' must be > 0, or null for no clipping.")
-    if recipe.train.modality_classifier_weight is not None and not recipe.train.modality_classifier:
+                         f"(a {model.head_type!r} head has no variance).")
+    if train.modality_classifier_weight is not None and not train.modality_classifier:
         raise ValueError(
             "Recipe key 'train.modality_classifier_weight' is set but 'train.modality_classifier' is false: "
             "enable the modality classifier (train.modality_classifier=true) or remove the weight."
         )
-    if recipe.train.modality_classifier:
-        for key in ("modality_classifier_hidden_dim", "modality_classifier_ramp_steps"):
-            if getattr(recipe.train, key) < 1:
-                raise ValueError(f"Recipe key 'train.{key}' must be >= 1, got {getattr(recipe.train, key)}.")
-        if (recipe.train.modality_classifier_weight or 0.0) < 0:
-            raise ValueError("Recipe key 'train.modality_classifier_weight' must be >= 0.")
-    for index, stage in enumerate(recipe.stages):
+    for index in range(len(recipe.stages)):
         stage_data(recipe, index)  # unknown or mistyped data keys fail here, naming the stage
-        key = f"stages[{index}]"
-        for name in ("epochs", "steps", "lr"):
-            value = getattr(stage, name)
-            if value is not None and value < 0:
-                raise ValueError(f"Recipe key '{key}.{name}' must be >= 0, got {value}.")
-    if recipe.model.pretrained is None and recipe.model.vision_tower is None and recipe.model.vision_config is None:
-        raise ValueError("The recipe names no image tower: set 'model.vision_tower' (hub id or folder), "
-                         "'model.vision_config' (a dict with model_type) or 'model.pretrained'.")
 
 
 def stage_data(recipe: Recipe, index: int) -> DataRecipe:
     """The data section of stage ``index``: the top-level ``data`` with the stage's keys replaced."""
     values = {**dataclasses.asdict(recipe.data), **recipe.stages[index].data}
-    return _build(DataRecipe, values, f"stages[{index}].data")
+    return build_section(DataRecipe, values, f"stages[{index}].data")
 
 
 # ---------------------------------------------------------------------------------------- loading
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """Split ``"a.b.c=value"`` into ``(["a", "b", "c"], parsed value)``; the value is parsed as YAML."""
-    if "=" not in text:
-        raise ValueError(f"Override {text!r} must look like 'section.key=value' (e.g. train.max_steps=20).")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise ValueError(f"Override {text!r} has an empty key; write 'section.key=value'.")
-    try:
-        value = parse_yaml(raw) if raw.strip() else ""
-    except yaml.YAMLError as error:
-        raise ValueError(f"Override {text!r}: cannot parse the value {raw!r} as YAML ({error}).") from None
-    return key.split("."), value
-
-
-def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return a copy of the nested ``values`` with each dotted ``key=value`` override set."""
-    import copy
-
-    values = copy.deepcopy(values)
-    for text in overrides:
-        path, value = parse_override(text)
-        node = values
-        for depth, part in enumerate(path[:-1]):
-            if isinstance(node, list):  # a list section (stages): the part is an index
-                node = _list_item(node, part, text)
-                continue
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, (dict, list)):
-                raise ValueError(f"Override {text!r}: {'.'.join(path[: depth + 1])!r} is not a section.")
-            node = child
-        if isinstance(node, list):
-            node[_list_index(node, path[-1], text)] = value
-        else:
-            node[path[-1]] = value
-    return values
-
-
-def _list_index(items: list, part: str, text: str) -> int:
-    if not part.isdigit() or int(part) >= len(items):
-        raise ValueError(f"Override {text!r}: {part!r} is not an index of a list of {len(items)} item(s).")
-    return int(part)
-
-
-def _list_item(items: list, part: str, text: str) -> dict:
-    item = items[_list_index(items, part, text)]
-    if not isinstance(item, dict):
-        raise ValueError(f"Override {text!r}: item {part} is not a section.")
-    return item
-
-
 def recipe_from_dict(values: dict[str, Any] | None) -> Recipe:
     """Check a nested dict against :class:`Recipe` and build it; ``ValueError`` names any bad key."""
     if values is None:
         values = {}
     if not isinstance(values, dict):
         raise ValueError(f"A recipe must be a mapping of keys, got {type(values).__name__}.")
-    recipe = _build(Recipe, values, "")
+    recipe = build_section(Recipe, values, "")
     _validate_values(recipe)
     return recipe
 
@@ -531,6 +380,7 @@ __all__ = [
     "DataRecipe",
     "EvalRecipe",
     "ModelRecipe",
+    "PCME_CONFIG_FIELDS",
     "Recipe",
     "StageRecipe",
     "TrainRecipe",
@@ -538,6 +388,7 @@ __all__ = [
     "load_recipe",
     "parse_override",
     "parse_yaml",
+    "pcme_config_kwargs",
     "recipe_from_dict",
     "stage_data",
 ]
