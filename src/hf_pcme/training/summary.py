@@ -23,7 +23,7 @@ def run_summary(result: Any, recipe: Any, plots: list[str | Path] = ()) -> str:
         recipe: its :class:`~hf_pcme.training.Recipe` (for the name of the best-model metric).
         plots: extra files to point at (e.g. the main job's uncertainty plot).
     """
-    from .trainer import BEST_DIR, LOG_DIR, RESULTS_FILE
+    from .run_state import BEST_DIR, LOG_DIR, RESULTS_FILE
 
     output_dir = Path(result.output_dir)
     status = "stopped early" if result.interrupted else "finished"

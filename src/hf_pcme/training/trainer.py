@@ -21,17 +21,18 @@ What one run does (``accelerate launch`` with any number of processes, or plain 
 ``train(recipe, resume=True)`` continues from the newest complete checkpoint: model, optimiser,
 scheduler, RNG states, phase and position in the epoch; the final weights equal those of an
 uninterrupted run (bit for bit on CPU).
+
+This module sets the run up (accelerator, data, model, phases); the step loop is in
+:mod:`.step_loop`, validation / checkpoints / export in :mod:`.run_outputs`, the phases and the
+saved progress in :mod:`.run_state`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,93 +45,27 @@ from tqdm.auto import tqdm
 from .adversarial import build_modality_classifier
 from .callbacks import StopTraining, TrainerCallback
 from .builders import build_model, build_processor, build_training_module, needs_training_captions
-from .checkpointing import CheckpointManager, read_checkpoint_state, write_directory_atomically
+from .checkpointing import CheckpointManager, read_checkpoint_state
 from .config import Recipe
 from .data import load_splits, make_batch_sampler, make_training_rows, select_first_images
-from .evaluation import evaluate_model
-from .model_card import write_model_card
 from .optim import build_optimizer, build_scheduler, freeze_towers, freeze_uncertainty
+from .run_outputs import RunOutputs
+from .run_state import (  # noqa: F401 - BEST_DIR, LOG_DIR, RESULTS_FILE, EPOCH_STRIDE: re-exported for callers
+    BEST_DIR,
+    CHECKPOINT_DIR,
+    EPOCH_STRIDE,
+    LOG_DIR,
+    RECIPE_FILE,
+    RESULTS_FILE,
+    Phase,
+    TrainerState,
+    TrainResult,
+    plan_phases,
+)
+from .step_loop import StepLoop
 from .tracking import JsonLinesTracker, make_trackers
 
 logger = logging.getLogger(__name__)
-
-#: Sampler epochs of phase p are numbered p * EPOCH_STRIDE + epoch, so phases see different orders.
-EPOCH_STRIDE = 100_000
-BEST_DIR = "best"
-CHECKPOINT_DIR = "checkpoints"
-LOG_DIR = "logs"
-RESULTS_FILE = "eval_results.json"
-RECIPE_FILE = "recipe.yaml"
-
-
-@dataclass
-class Phase:
-    """One training phase: ``steps`` optimiser steps with ``frozen`` parts frozen, at learning rate ``lr``."""
-
-    index: int
-    steps: int
-    frozen: list[str]
-    lr: float
-    steps_per_epoch: int = 0
-
-
-@dataclass
-class TrainerState:
-    """Progress saved with every checkpoint (JSON)."""
-
-    global_step: int = 0
-    phase: int = 0
-    phase_step: int = 0
-    best_metric: float | None = None
-    best_step: int | None = None
-    last_eval_step: int | None = None
-    last_metrics: dict[str, float] = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TrainerState":
-        known = {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
-
-
-@dataclass
-class TrainResult:
-    """What :func:`train` returns.
-
-    Attributes:
-        model: the trained :class:`~hf_pcme.PCMEModel` (the best one if ``train.load_best_at_end``).
-        processor: its :class:`~hf_pcme.PCMEProcessor`.
-        metrics: the final validation metrics (flat, percent), empty without validation.
-        output_dir: where the model, processor, card, logs and checkpoints are.
-        global_step: optimiser steps done.
-        best_metric: best value of ``train.best_metric`` seen, if any.
-        interrupted: True when a callback stopped the run early (:class:`~hf_pcme.training.callbacks.StopTraining`).
-        best_step: the step of ``best_metric`` (its model is in ``output_dir/best``), if any.
-    """
-
-    model: Any
-    processor: Any
-    metrics: dict[str, float]
-    output_dir: Path
-    global_step: int
-    best_metric: float | None = None
-    interrupted: bool = False
-    best_step: int | None = None
-
-
-def plan_phases(recipe: Recipe, steps_per_epoch: int) -> list[Phase]:
-    """The two phases' lengths in optimiser steps (epochs x steps per epoch, or explicit steps, capped by ``max_steps``)."""
-    train = recipe.train
-    lengths = []
-    for epochs, steps in ((train.phase1_epochs, train.phase1_steps), (train.phase2_epochs, train.phase2_steps)):
-        lengths.append(steps if steps is not None else int(round(epochs * steps_per_epoch)))
-    if train.max_steps is not None:
-        lengths[0] = min(lengths[0], train.max_steps)
-        lengths[1] = min(lengths[1], train.max_steps - lengths[0])
-    return [
-        Phase(0, lengths[0], list(train.phase1_frozen), train.lr, steps_per_epoch),
-        Phase(1, lengths[1], [], train.lr * train.phase2_lr_multiplier, steps_per_epoch),
-    ]
-
 
 def _cpu_only_multiprocess() -> bool:
     """Launched as several processes on a machine without GPUs: accelerate needs ``cpu=True`` to use gloo.
@@ -156,8 +91,12 @@ def _flat_config(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-class Trainer:
-    """Runs one recipe. Use :func:`train` unless you need the pieces (``setup``, ``evaluate``)."""
+class Trainer(StepLoop, RunOutputs):
+    """Runs one recipe. Use :func:`train` unless you need the pieces (``setup``, ``evaluate``).
+
+    The step loop is :class:`~hf_pcme.training.step_loop.StepLoop`; validation, checkpoints and the
+    final export are :class:`~hf_pcme.training.run_outputs.RunOutputs`.
+    """
 
     def __init__(
         self, recipe: Recipe, accelerator: Accelerator | None = None, callbacks: list[TrainerCallback] | None = None
@@ -311,156 +250,6 @@ class Trainer:
                                state.global_step, state.best_metric, interrupted=True)
         self.progress.close()
         return self._finish(state, push_to_hub)
-
-    def _run_phase(self, phase: Phase, state: TrainerState, steps_per_epoch: int) -> None:
-        accelerator, train = self.accelerator, self.recipe.train
-        self.module.train()
-        self.progress.set_description(f"{self.recipe.name} phase {phase.index + 1}")
-        while state.phase_step < phase.steps:
-            epoch, done_in_epoch = divmod(state.phase_step, steps_per_epoch)
-            sampler_epoch = phase.index * EPOCH_STRIDE + epoch
-            self.train_loader.set_epoch(sampler_epoch)
-            self.train_rows.set_epoch(sampler_epoch)
-            loader = self.train_loader
-            if done_in_epoch:
-                loader = accelerator.skip_first_batches(self.train_loader, done_in_epoch * train.grad_accum)
-            batches = iter(loader)
-            for _ in range(done_in_epoch, steps_per_epoch):
-                if state.phase_step >= phase.steps:
-                    break
-                logs = self._optimizer_step(batches)
-                state.phase_step += 1
-                state.global_step += 1
-                self.progress.update(1)
-                self._after_step(state, logs)
-            del batches
-
-    def _optimizer_step(self, batches) -> dict[str, torch.Tensor]:
-        accelerator, train = self.accelerator, self.recipe.train
-        totals: dict[str, torch.Tensor] = {}
-        for micro in range(train.grad_accum):
-            batch = next(batches)
-            last = micro == train.grad_accum - 1
-            # Only the last micro-batch all-reduces gradients (DDP no_sync for the others).
-            with contextlib.nullcontext() if last else accelerator.no_sync(self.module):
-                output = self.module(**batch)
-                accelerator.backward(output.loss / train.grad_accum)
-            totals["loss"] = totals.get("loss", 0) + output.loss.detach().float() / train.grad_accum
-            for name, value in (output.components or {}).items():
-                if torch.is_tensor(value) and value.numel() == 1:
-                    totals[name] = totals.get(name, 0) + value.detach().float() / train.grad_accum
-        totals["lr"] = torch.tensor(self.scheduler.get_last_lr()[0])  # the rate this step uses
-        if train.grad_clip is not None:
-            totals["grad_norm"] = accelerator.clip_grad_norm_(
-                [p for group in self.optimizer.param_groups for p in group["params"]], train.grad_clip
-            )
-        self.optimizer.step()
-        if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: keep the schedule aligned
-            self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return totals
-
-    def _after_step(self, state: TrainerState, logs: dict[str, torch.Tensor]) -> None:
-        train, step = self.recipe.train, state.global_step
-        if step % train.log_every == 0:
-            values = {f"train/{k}": float(v) for k, v in logs.items()}
-            values["train/phase"] = state.phase + 1
-            self.accelerator.log(values, step=step)
-            self.progress.set_postfix(loss=f"{values['train/loss']:.4g}", refresh=False)
-            if self.progress.disable and self.accelerator.is_local_main_process:
-                print(f"{self.recipe.name}: step {step}/{self.progress.total} loss {values['train/loss']:.4g}", flush=True)
-        if train.eval_every and step % train.eval_every == 0:
-            self._evaluate_and_track(state)
-        if step % train.checkpoint_every == 0:
-            self._save_checkpoint(state)
-        for callback in self.callbacks:
-            callback.on_step_end(self, step)
-
-    # ------------------------------------------------------------------------------------ eval / save
-    def evaluate(self) -> dict[str, float]:
-        """R@K / PMRP (percent) of the current model on the validation split; ``{}`` without one."""
-        if self.eval_split is None:
-            return {}
-        accelerator = self.accelerator
-        devices = [accelerator.device] if accelerator.device.type == "cuda" else []
-        # Evaluation must not move the training RNG: a resumed run would diverge otherwise.
-        with torch.random.fork_rng(devices=devices):
-            metrics = evaluate_model(self.model, self.processor, self.eval_split, self.recipe, accelerator)
-        if self.module is not None:
-            self.module.train()
-        return metrics
-
-    def _evaluate_and_track(self, state: TrainerState) -> dict[str, float]:
-        metrics = self.evaluate()
-        state.last_eval_step = state.global_step
-        state.last_metrics = metrics
-        if not metrics:
-            return metrics
-        self.accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=state.global_step)
-        key, train = self.recipe.train.best_metric, self.recipe.train
-        if key not in metrics:
-            raise ValueError(f"train.best_metric {key!r} is not an evaluation metric; choose one of: {', '.join(metrics)}.")
-        value = metrics[key]
-        better = state.best_metric is None or (
-            value > state.best_metric if train.greater_is_better else value < state.best_metric
-        )
-        if better and math.isfinite(value):
-            state.best_metric, state.best_step = value, state.global_step
-            if self.accelerator.is_main_process:
-                write_directory_atomically(self.output_dir / BEST_DIR, lambda folder: self._export(folder, metrics, state))
-            self.accelerator.wait_for_everyone()
-        return metrics
-
-    def _export(self, folder: Path, metrics: dict[str, float], state: TrainerState) -> None:
-        self.model.save_pretrained(folder)
-        self.processor.save_pretrained(folder)
-        results = {"step": state.global_step, "split": self.recipe.data.eval_split, "metrics": metrics}
-        (folder / RESULTS_FILE).write_text(json.dumps(results, indent=2), encoding="utf-8")
-
-    def _save_checkpoint(self, state: TrainerState) -> None:
-        self.checkpoints.save(state.global_step, asdict(state))
-
-    def _finish(self, state: TrainerState, push_to_hub: str | None) -> TrainResult:
-        accelerator, train = self.accelerator, self.recipe.train
-        metrics = state.last_metrics if state.last_eval_step == state.global_step else self._evaluate_and_track(state)
-        self._save_checkpoint(state)
-        best_dir = self.output_dir / BEST_DIR
-        if train.load_best_at_end and (best_dir / RESULTS_FILE).exists():
-            from ..modeling_pcme import PCMEModel
-
-            best = PCMEModel.from_pretrained(best_dir)
-            self.model.load_state_dict(best.state_dict())
-            metrics = json.loads((best_dir / RESULTS_FILE).read_text(encoding="utf-8"))["metrics"]
-        elapsed = time.perf_counter() - self._started
-        summary = (
-            f"{state.global_step} optimiser steps ({', '.join(str(p) for p in self._phase_lengths())} per phase) "
-            f"in {elapsed / 60:.1f} min on {accelerator.num_processes} process(es) ({accelerator.device.type}); "
-            f"global batch {train.batch_size} x {train.grad_accum} accumulation step(s)."
-        )
-        if accelerator.is_main_process:
-            self._export(self.output_dir, metrics, state)
-            self.recipe.save(self.output_dir / RECIPE_FILE)
-            write_model_card(self.output_dir, self.recipe, metrics, repo_id=push_to_hub, training_summary=summary)
-        accelerator.wait_for_everyone()
-        if push_to_hub and accelerator.is_main_process:
-            from ..hub import push_to_hub as push
-
-            card = (self.output_dir / "README.md").read_text(encoding="utf-8")
-            url = push(
-                self.model, self.processor, push_to_hub, model_card=card,
-                extra_files={RECIPE_FILE: self.output_dir / RECIPE_FILE, RESULTS_FILE: self.output_dir / RESULTS_FILE},
-            )
-            accelerator.print(f"Pushed to {url}")
-        accelerator.wait_for_everyone()
-        self._finish_trackers()
-        return TrainResult(self.model, self.processor, metrics, self.output_dir, state.global_step, state.best_metric,
-                           best_step=state.best_step)
-
-    def _finish_trackers(self) -> None:
-        # Not accelerator.end_training(): it also destroys the process group, and a caller may
-        # train again (e.g. a baseline after the main model) in the same processes.
-        for tracker in self.accelerator.trackers:
-            tracker.finish()
 
     def _steps_per_epoch(self) -> int:
         """Optimiser steps in one epoch of the current training data."""
