@@ -85,23 +85,31 @@ def push_to_hub(
     api = HfApi(endpoint=endpoint, token=token, library_name="hf_pcme")
     with tempfile.TemporaryDirectory(prefix="hf_pcme_push_") as folder:
         operations = _save_folder(model, processor, model_card, extra_files, Path(folder))
-        repo_created = False
-        try:
-            api.create_repo(repo_id, private=private, exist_ok=True)
-            repo_created = True
-            if revision is not None:
-                api.create_branch(repo_id, branch=revision, exist_ok=True)
-            # Not upload_folder: with hf_xet installed it streams through a pipeline that may split
-            # the upload into several commits; create_commit is one commit by construction.
-            commit = api.create_commit(repo_id, operations=operations, commit_message=commit_message, revision=revision)
-        except _NETWORK_ERRORS as err:
-            where = "the repository exists but no commit was made" if repo_created else "nothing was uploaded"
-            raise PushToHubError(
-                f"Pushing to {repo_id!r} on {api.endpoint} failed ({where}): {err}\n"
-                "Nothing local was changed or lost: the model, the processor and the files in `extra_files` "
-                "are untouched. Check the token, `repo_id` and the connection (and that HF_HUB_OFFLINE is not "
-                "set), then call push_to_hub again."
-            ) from err
+        return _commit(api, repo_id, operations, commit_message=commit_message, private=private, revision=revision)
+
+
+def _commit(
+    api: HfApi, repo_id: str, operations: list[CommitOperationAdd], *, commit_message: str, private: bool,
+    revision: str | None,
+) -> str:
+    """Create the repository (and branch) if missing and make one commit; return its URL or raise PushToHubError."""
+    repo_created = False
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        repo_created = True
+        if revision is not None:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        # Not upload_folder: with hf_xet installed it streams through a pipeline that may split
+        # the upload into several commits; create_commit is one commit by construction.
+        commit = api.create_commit(repo_id, operations=operations, commit_message=commit_message, revision=revision)
+    except _NETWORK_ERRORS as err:
+        where = "the repository exists but no commit was made" if repo_created else "nothing was uploaded"
+        raise PushToHubError(
+            f"Pushing to {repo_id!r} on {api.endpoint} failed ({where}): {err}\n"
+            "Nothing local was changed or lost: the model, the processor and the files in `extra_files` "
+            "are untouched. Check the token, `repo_id` and the connection (and that HF_HUB_OFFLINE is not "
+            "set), then call push_to_hub again."
+        ) from err
     return str(commit.commit_url)
 
 

@@ -95,6 +95,78 @@ def _tower_text(name: str | None, config: dict | None, default: str) -> str:
     return f"`{default}` (trained from scratch)"
 
 
+_EMBEDDING_SUMMARIES = {
+    "probabilistic": "A probabilistic cross-modal embedding (PCME, Chun et al. CVPR 2021): each input is a "
+    "Gaussian whose variance is meant to express ambiguity (check the evaluation before relying on it), "
+    "and a pair's match probability accounts for both uncertainties.",
+    "deterministic": "A deterministic dual encoder (one point per input), trained as a baseline for "
+    "probabilistic embeddings.",
+    "polysemous": "A polysemous visual-semantic embedding (PVSE, Song & Soleymani CVPR 2019): K points per input.",
+    "diversified_attention": "A diversified attention network (GPLDAN, Chen et al. ICIP 2020): K points per input "
+    "from K attention maps that interact.",
+}
+
+
+def _card_data(recipe: Recipe, metrics: dict[str, float], model_name: str, dataset_name: str, split: str) -> ModelCardData:
+    """The card's YAML front matter: tags, datasets, base models and one ``model-index`` result per metric."""
+    model = recipe.model
+    eval_results = [
+        EvalResult(
+            task_type=TASK_TYPE,
+            task_name=TASK_NAME,
+            dataset_type=recipe.data.name,
+            dataset_name=dataset_name,
+            dataset_split=split,
+            metric_type=key,
+            metric_name=metric_display_name(key),
+            metric_value=round(value, 4),
+        )
+        for key, value in metrics.items()
+    ]
+    tags = ["hf_pcme", "pcme", "cross-modal-retrieval", "image-text-retrieval", model.loss_type, model.head_type]
+    return ModelCardData(
+        model_name=model_name,
+        library_name="transformers",
+        license="apache-2.0",
+        tags=list(dict.fromkeys(tags)),
+        datasets=_dataset_ids(recipe),
+        metrics=sorted({key.rpartition("/")[2].partition("_")[2] or key.rpartition("/")[2] for key in metrics}) or None,
+        eval_results=eval_results or None,
+        base_model=[m for m in (model.vision_tower, model.text_tower) if m and not Path(m).exists()] or None,
+    )
+
+
+def _embedding_text(recipe: Recipe) -> dict[str, str]:
+    """What the card says about the embedding: its kind, how pairs are matched, a one-paragraph summary."""
+    model = recipe.model
+    embedding_kind = {
+        "probabilistic": "Gaussian distribution (a mean and a per-dimension variance)",
+        "deterministic": "point",
+        "polysemous": f"set of {model.num_embeds} points",
+        "diversified_attention": f"set of {model.num_embeds} points",
+    }[model.head_type]
+    if model.head_type == "probabilistic":
+        match_text = (
+            "closed-form sampled distance (PCME++)"
+            if model.match_function == "csd"
+            else f"Monte-Carlo match probability over J = {model.num_samples} samples per item (PCME)"
+        )
+    else:
+        match_text = "cosine similarity of the embeddings" + (" (best of K x K pairs)" if model.head_type in MULTI_EMBEDDING_HEADS else "")
+    return {"embedding_kind": embedding_kind, "match_function_text": match_text,
+            "model_summary": _EMBEDDING_SUMMARIES[model.head_type]}
+
+
+def _default_training_summary(recipe: Recipe) -> str:
+    train = recipe.train
+    return (
+        f"Two phases: phase 1 with the {', '.join(train.phase1_frozen) or 'no'} tower(s) frozen, then all "
+        f"parameters fine-tuned. Global batch {train.batch_size} x {train.grad_accum} accumulation step(s), "
+        f"learning rate {train.lr:g} with {train.warmup_steps} warmup steps and cosine decay, weight decay "
+        f"{train.weight_decay:g}, gradient clipping {train.grad_clip}, mixed precision `{train.mixed_precision}`."
+    )
+
+
 def build_model_card(
     recipe: Recipe,
     metrics: dict[str, Any] | None = None,
@@ -124,82 +196,23 @@ def build_model_card(
     dataset_split = dataset_split or recipe.data.eval_split
     dataset_name = _DATASET_NAMES.get(recipe.data.name, recipe.data.name)
     model_name = repo_id.split("/")[-1] if repo_id else recipe.name
-    eval_results = [
-        EvalResult(
-            task_type=TASK_TYPE,
-            task_name=TASK_NAME,
-            dataset_type=recipe.data.name,
-            dataset_name=dataset_name,
-            dataset_split=dataset_split,
-            metric_type=key,
-            metric_name=metric_display_name(key),
-            metric_value=round(value, 4),
-        )
-        for key, value in metrics.items()
-    ]
-    tags = ["hf_pcme", "pcme", "cross-modal-retrieval", "image-text-retrieval", model.loss_type, model.head_type]
-    card_data = ModelCardData(
-        model_name=model_name,
-        library_name="transformers",
-        license="apache-2.0",
-        tags=list(dict.fromkeys(tags)),
-        datasets=_dataset_ids(recipe),
-        metrics=sorted({key.rpartition("/")[2].partition("_")[2] or key.rpartition("/")[2] for key in metrics}) or None,
-        eval_results=eval_results or None,
-        base_model=[m for m in (model.vision_tower, model.text_tower) if m and not Path(m).exists()] or None,
-    )
-    probabilistic = model.head_type == "probabilistic"
-    embedding_kind = {
-        "probabilistic": "Gaussian distribution (a mean and a per-dimension variance)",
-        "deterministic": "point",
-        "polysemous": f"set of {model.num_embeds} points",
-        "diversified_attention": f"set of {model.num_embeds} points",
-    }[model.head_type]
-    if probabilistic:
-        match_text = (
-            "closed-form sampled distance (PCME++)"
-            if model.match_function == "csd"
-            else f"Monte-Carlo match probability over J = {model.num_samples} samples per item (PCME)"
-        )
-    else:
-        match_text = "cosine similarity of the embeddings" + (" (best of K x K pairs)" if model.head_type in MULTI_EMBEDDING_HEADS else "")
-    summary = {
-        "probabilistic": "A probabilistic cross-modal embedding (PCME, Chun et al. CVPR 2021): each input is a "
-        "Gaussian whose variance is meant to express ambiguity (check the evaluation before relying on it), "
-        "and a pair's match probability accounts for both uncertainties.",
-        "deterministic": "A deterministic dual encoder (one point per input), trained as a baseline for "
-        "probabilistic embeddings.",
-        "polysemous": "A polysemous visual-semantic embedding (PVSE, Song & Soleymani CVPR 2019): K points per input.",
-        "diversified_attention": "A diversified attention network (GPLDAN, Chen et al. ICIP 2020): K points per input "
-        "from K attention maps that interact.",
-    }[model.head_type]
-    train = recipe.train
-    default_summary = (
-        f"Two phases: phase 1 with the {', '.join(train.phase1_frozen) or 'no'} tower(s) frozen, then all "
-        f"parameters fine-tuned. Global batch {train.batch_size} x {train.grad_accum} accumulation step(s), "
-        f"learning rate {train.lr:g} with {train.warmup_steps} warmup steps and cosine decay, weight decay "
-        f"{train.weight_decay:g}, gradient clipping {train.grad_clip}, mixed precision `{train.mixed_precision}`."
-    )
-    card = ModelCard.from_template(
-        card_data,
+    return ModelCard.from_template(
+        _card_data(recipe, metrics, model_name, dataset_name, dataset_split),
         template_path=str(template_path),
         model_name=model_name,
-        model_summary=summary,
         recipe_name=recipe.name,
-        embedding_kind=embedding_kind,
         embed_dim=model.embed_dim,
         vision_tower=_tower_text(model.vision_tower or model.pretrained, model.vision_config, "resnet"),
         text_tower=_tower_text(model.text_tower or model.pretrained, model.text_config, "pcme_bigru"),
         head_type=model.head_type,
         num_embeds=model.num_embeds,
         loss_type=model.loss_type,
-        match_function_text=match_text,
         repo_id=repo_id or recipe.output_dir,
         dataset_name=dataset_name,
         dataset_split=dataset_split,
         eval_protocol=eval_protocol,
         results_table=results_table(metrics),
-        training_summary=training_summary or default_summary,
+        training_summary=training_summary or _default_training_summary(recipe),
         training_stages=stages_markdown(recipe),
         recipe_yaml=recipe.to_yaml().rstrip(),
         input_limits=f"images are resized to {recipe.data.image_size} px and captions cut at "
@@ -209,8 +222,8 @@ def build_model_card(
             if recipe.data.name in ("shapes", "shapes_web")
             else None
         ),
+        **_embedding_text(recipe),
     )
-    return card
 
 
 def write_model_card(directory: str | Path, recipe: Recipe, metrics: dict[str, Any] | None = None, **kwargs: Any) -> Path:
