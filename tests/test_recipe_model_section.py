@@ -60,3 +60,12 @@ def test_config_checks_run_at_load_and_name_the_recipe_key(overrides, key, says)
     with pytest.raises(ValueError) as error:
         load_recipe(None, MINIMAL + overrides)
     assert f"'{key}'" in str(error.value) and says in str(error.value)
+
+
+def test_eval_ranking_takes_the_names_of_the_metrics_registry():
+    from hf_pcme.metrics import SCORERS
+
+    for name in SCORERS:
+        assert load_recipe(None, MINIMAL + [f"eval.ranking={name}"]).eval.ranking == name
+    with pytest.raises(ValueError, match=r"'eval\.ranking'.*cosine"):
+        load_recipe(None, MINIMAL + ["eval.ranking=cosin"])

@@ -11,9 +11,11 @@ Every score maps an image and a caption to a number, higher = better:
 - ``"sampled"`` (:class:`SampledMatchScore`): ``log p(match)``, PCME's Monte-Carlo match probability
   ``p = 1/(J J') sum_{j, j'} sigmoid(2 (-a |z_v^j - z_t^j'| + b))`` (Chun et al., CVPR 2021), which
   ranks exactly like ``p``.
+- ``"euclidean"`` (:class:`~hf_pcme.score_euclidean.EuclideanScore`, its own file): ``-|mu_v - mu_t|^2``
+  (CONTRIBUTING.md's worked example of a new score).
 
 Each gives :meth:`Score.pairwise` ``(N, M)``. The scores that are an inner product exactly
-(``searchable = True``: cosine, best pair, CSD) also give the vectors the index and the metrics
+(``searchable = True``: cosine, best pair, CSD, Euclidean) also give the vectors the index and the metrics
 multiply: :meth:`Score.item_vectors` and :meth:`Score.query_vectors` (``score = q . k - offset``),
 and, derived from those two, :meth:`Score.pair_vectors` (``left(v) . right(t) = score`` with no
 offset, one pair of matrices for both retrieval directions). For CSD there is one encoding
@@ -33,33 +35,16 @@ Modelled on pytorch-metric-learning's ``BaseDistance`` and sentence-transformers
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
-from .distances import iter_row_chunks, max_pair_similarity, pairwise_csd, pairwise_sampled_match_log_prob
+from .distances import max_pair_similarity, pairwise_csd, pairwise_sampled_match_log_prob
 from .registry import lookup
-
-#: Rows of search vectors filled at once (bounds the temporaries of the augmentation).
-SEARCH_VECTOR_CHUNK_ROWS = 65536
-
-
-def _mean_and_log_sigma2(embeds: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    # Duck-typed, not isinstance: remote code may load ProbabilisticEmbedding from another module copy.
-    if isinstance(embeds, torch.Tensor):
-        return embeds, None
-    return embeds.mean, embeds.log_sigma2
-
-
-def as_embedding_rows(mean: torch.Tensor, name: str) -> torch.Tensor:
-    """``(N, D)`` or ``(N, K, D)`` -> float32 ``(N, K, D)``."""
-    if mean.dim() == 2:
-        mean = mean.unsqueeze(1)
-    if mean.dim() != 3:
-        raise ValueError(f"{name} must be (N, D) or (N, K, D) (K embeddings per item), got {tuple(mean.shape)}.")
-    return mean.float()
-
+from .score_common import SEARCH_VECTOR_CHUNK_ROWS, Score, as_embedding_rows  # noqa: F401  (public here too)
+from .score_common import mean_and_log_sigma2 as _mean_and_log_sigma2
+from .score_euclidean import EuclideanScore
 
 def _csd_offset(mean: torch.Tensor, log_sigma2: torch.Tensor | None) -> torch.Tensor:
     """``c = |mu|^2 + sum_d sigma^2`` per embedding, shape ``(N, K)``: CSD = c_v + c_t - 2 mu_v . mu_t."""
@@ -68,78 +53,6 @@ def _csd_offset(mean: torch.Tensor, log_sigma2: torch.Tensor | None) -> torch.Te
     else:
         variance = log_sigma2.float().exp().sum(-1, keepdim=True).expand(mean.shape[:2])
     return mean.pow(2).sum(-1) + variance
-
-
-class Score:
-    """One way to rank pairs. Subclasses set ``name`` and implement :meth:`pairwise`."""
-
-    name: ClassVar[str]
-    #: True when the score is exactly an inner product of :meth:`item_vectors` and :meth:`query_vectors`.
-    searchable: ClassVar[bool] = False
-    #: True when the score needs log variances (``log_sigma2``).
-    needs_variance: ClassVar[bool] = False
-    #: Extra dimensions of an item vector over the embedding size D.
-    extra_dims: ClassVar[int] = 0
-
-    def pairwise(self, image_embeds: Any, text_embeds: Any) -> torch.Tensor:
-        """Scores ``(N, M)`` of N images against M captions, higher = better.
-
-        Embeds: a :class:`~hf_pcme.outputs.ProbabilisticEmbedding` or a tensor of means.
-        """
-        raise NotImplementedError
-
-    # -- inner-product search (searchable scores only)
-    def _item_block(self, mean: torch.Tensor, log_sigma2: torch.Tensor | None) -> torch.Tensor:
-        raise ValueError(f"score {self.name!r} is not an inner product; it has no search vectors.")
-
-    def item_vectors(self, mean: torch.Tensor, log_sigma2: torch.Tensor | None = None) -> torch.Tensor:
-        """Item side of the inner-product search, float32 ``(N, K, D + extra_dims)``.
-
-        Filled block by block, so the only large allocation is the result (no N x D temporaries).
-        """
-        mean = as_embedding_rows(mean, "mean")
-        out = torch.empty(*mean.shape[:2], mean.shape[-1] + self.extra_dims, dtype=torch.float32, device=mean.device)
-        for rows in iter_row_chunks(mean.shape[0], SEARCH_VECTOR_CHUNK_ROWS):
-            out[rows] = self._item_block(mean[rows], log_sigma2[rows] if log_sigma2 is not None else None)
-        return out
-
-    def query_vectors(
-        self, mean: torch.Tensor, log_sigma2: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Query side: vectors ``(Q, K, D + extra_dims)`` and offsets ``(Q, K)``, ``score = q . k - offset``."""
-        raise ValueError(f"score {self.name!r} is not an inner product; it has no search vectors.")
-
-    def pair_vectors(
-        self, mean: torch.Tensor, log_sigma2: torch.Tensor | None, side: Literal["left", "right"]
-    ) -> torch.Tensor:
-        """Float32 ``(N, K, D')`` vectors with ``left(v) . right(t) = score(v, t)``, no offset.
-
-        Derived from the one encoding: ``left = [item, 1]``, ``right = [query, -offset]``; with no
-        extra dimensions (cosine) both sides are the item vectors. Serves both directions
-        (``left @ right.T`` and its transpose). Filled in row blocks.
-        """
-        if side not in ("left", "right"):
-            raise ValueError(f"side must be 'left' or 'right', got {side!r}.")
-        mean = as_embedding_rows(mean, "mean")
-        if self.extra_dims == 0:
-            return self.item_vectors(mean, log_sigma2)
-        out = torch.empty(
-            *mean.shape[:2], mean.shape[-1] + self.extra_dims + 1, dtype=torch.float32, device=mean.device
-        )
-        for rows in iter_row_chunks(mean.shape[0], SEARCH_VECTOR_CHUNK_ROWS):
-            block_log_sigma2 = log_sigma2[rows] if log_sigma2 is not None else None
-            if side == "left":
-                out[rows, :, :-1] = self._item_block(mean[rows], block_log_sigma2)
-                out[rows, :, -1] = 1.0
-            else:
-                vectors, offsets = self.query_vectors(mean[rows], block_log_sigma2)
-                out[rows, :, :-1] = vectors
-                out[rows, :, -1] = -offsets
-        return out
-
-    def means_from_item_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
-        """The means back from :meth:`item_vectors` (exact where the encoding keeps them)."""
-        return vectors
 
 
 class CosineScore(Score):
@@ -241,16 +154,18 @@ def as_samples(embeds: Any) -> torch.Tensor:
     return embeds if embeds.dim() == 3 else embeds.unsqueeze(1)
 
 
-#: Score name -> class. A new score is one class and one line here.
+#: Score name -> class. A new score is one class (its own file, subclassing ``score_common.Score``) and one line here.
 SCORES: dict[str, type[Score]] = {
     "cosine": CosineScore,
     "csd": CSDScore,
     "sampled": SampledMatchScore,
     "polysemous": BestPairScore,
+    "euclidean": EuclideanScore,
 }
 
-#: Names of the scores an index can search exactly (``polysemous`` is searched as ``cosine``, K rows per item).
-SEARCH_SCORES = ("cosine", "csd")
+#: Names of the scores an index can search exactly: the inner-product ones (``polysemous`` is searched
+#: as ``cosine``, K rows per item).
+SEARCH_SCORES = tuple(name for name, score in SCORES.items() if score.searchable and name != "polysemous")
 
 #: Head types with K embeddings per item (mirrors ``heads.MULTI_EMBEDDING_HEADS``; importing heads is nn code).
 _MULTI_EMBEDDING_HEADS = ("polysemous", "diversified_attention")
@@ -320,6 +235,7 @@ __all__ = [
     "BestPairScore",
     "CSDScore",
     "CosineScore",
+    "EuclideanScore",
     "SampledMatchScore",
     "Score",
     "as_samples",

@@ -213,7 +213,7 @@ class EvalRecipe:
     batch_size: int = 256
     max_images: int | None = None
     num_samples: int | None = None
-    ranking: Literal["cosine", "csd", "sampled", "polysemous"] | None = None
+    ranking: str | None = None  # a name in hf_pcme.metrics.SCORERS
 
 
 @dataclass
@@ -320,6 +320,10 @@ def _validate_values(recipe: Recipe) -> None:
     """Checks that types alone cannot express: names, ranges, and keys that only make sense together."""
     _check_model(recipe.model)
     _check_ranges(recipe)
+    if recipe.eval.ranking is not None:
+        from ..metrics.scorers import SCORERS  # the evaluation ranks through this registry
+
+        check_choice(recipe.eval.ranking, SCORERS, "recipe key 'eval.ranking':")
     train, model = recipe.train, recipe.model
     if train.duplicate_caption_inclusion and model.loss_type != "prolip":
         raise ValueError("Recipe key 'train.duplicate_caption_inclusion' acts on the inclusion term of "
