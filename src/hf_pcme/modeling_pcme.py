@@ -9,7 +9,6 @@ References:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,7 +16,6 @@ from safetensors import SafetensorError
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.utils import ModelOutput
 
 from .configuration_pcme import PCMEConfig
 from .distances import iter_row_chunks, sample_gaussian
@@ -30,7 +28,7 @@ from .modeling_towers import (
     tower_feature_dim,
     tower_local_and_global,
 )
-from .outputs import ProbabilisticEmbedding
+from .outputs import PCMEOutput, ProbabilisticEmbedding
 from .registry import lookup
 from .scoring import BestPairScore, CosineScore, CSDScore, SampledMatchScore
 
@@ -41,33 +39,6 @@ _IMAGE_STREAM, _TEXT_STREAM = 0, 1
 #: Rows of the query side processed at once by the pairwise scores, bounding the
 #: (rows x J) x (M x J) intermediate of the sampled match probability.
 PAIRWISE_CHUNK_SIZE = 256
-
-
-@dataclass
-class PCMEOutput(ModelOutput):
-    """Output of :meth:`PCMEModel.forward`.
-
-    Args:
-        loss: training loss (when ``return_loss=True``).
-        loss_components: the named terms of the loss (e.g. ``{"matching": ..., "vib": ...}``).
-        logits_per_image: ``(N_img, N_txt)`` ranking scores, higher = better match (see
-            :meth:`PCMEModel.pairwise_logits`).
-        logits_per_text: its transpose.
-        match_prob: ``(N_img, N_txt)`` match probabilities (see :meth:`PCMEModel.match_probability`).
-        image_embeds / text_embeds: :class:`ProbabilisticEmbedding` of each modality (``mean``,
-            ``log_sigma2``, ``samples``, ``attention``, ``uncertainty``).
-    """
-
-    loss: torch.FloatTensor | None = None
-    loss_components: dict[str, torch.Tensor] | None = None
-    logits_per_image: torch.FloatTensor | None = None
-    logits_per_text: torch.FloatTensor | None = None
-    match_prob: torch.FloatTensor | None = None
-    image_embeds: ProbabilisticEmbedding | None = None
-    text_embeds: ProbabilisticEmbedding | None = None
-
-    def to_tuple(self) -> tuple[Any, ...]:
-        return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in self.values())
 
 
 def missing_config_error(name_or_path: str | os.PathLike, subfolder: str | None = None) -> FileNotFoundError | None:
