@@ -9,34 +9,28 @@ References:
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from torch import nn
-from transformers import AutoModel, PreTrainedConfig, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.utils import ModelOutput
 
 from .configuration_pcme import PCMEConfig
 from .distances import iter_row_chunks, sample_gaussian
 from .heads import HEADS, UncertaintyBranch
 from .losses import build_loss
-from .outputs import ProbabilisticEmbedding
+from .modeling_towers import (
+    BUILTIN_TOWERS,
+    build_tower,
+    load_pretrained_tower,
+    tower_feature_dim,
+    tower_local_and_global,
+)
+from .outputs import PCMEOutput, ProbabilisticEmbedding
 from .registry import lookup
 from .scoring import BestPairScore, CosineScore, CSDScore, SampledMatchScore
-from .text_encoder_pcme_original import PCMEOriginalTextModel
-from .text_encoders import PCMEBiGRUModel
-from .text_gcn import PCMETextGCNModel
-
-#: Built-in towers, instantiated directly (not through ``AutoModel``) so remote code works
-#: without ``hf_pcme`` being installed.
-BUILTIN_TOWERS: dict[str, type[PreTrainedModel]] = {
-    "pcme_bigru": PCMEBiGRUModel,
-    "pcme_textgcn": PCMETextGCNModel,
-    "pcme_original_text": PCMEOriginalTextModel,  # converted original PCME checkpoints
-}
 
 #: Offsets of the images' and the captions' generator seeds (``2 * inference_seed + stream``), so the two
 #: modalities draw independent noise (the metrics' sampled scorer uses the same convention).
@@ -45,33 +39,6 @@ _IMAGE_STREAM, _TEXT_STREAM = 0, 1
 #: Rows of the query side processed at once by the pairwise scores, bounding the
 #: (rows x J) x (M x J) intermediate of the sampled match probability.
 PAIRWISE_CHUNK_SIZE = 256
-
-
-@dataclass
-class PCMEOutput(ModelOutput):
-    """Output of :meth:`PCMEModel.forward`.
-
-    Args:
-        loss: training loss (when ``return_loss=True``).
-        loss_components: the named terms of the loss (e.g. ``{"matching": ..., "vib": ...}``).
-        logits_per_image: ``(N_img, N_txt)`` ranking scores, higher = better match (see
-            :meth:`PCMEModel.pairwise_logits`).
-        logits_per_text: its transpose.
-        match_prob: ``(N_img, N_txt)`` match probabilities (see :meth:`PCMEModel.match_probability`).
-        image_embeds / text_embeds: :class:`ProbabilisticEmbedding` of each modality (``mean``,
-            ``log_sigma2``, ``samples``, ``attention``, ``uncertainty``).
-    """
-
-    loss: torch.FloatTensor | None = None
-    loss_components: dict[str, torch.Tensor] | None = None
-    logits_per_image: torch.FloatTensor | None = None
-    logits_per_text: torch.FloatTensor | None = None
-    match_prob: torch.FloatTensor | None = None
-    image_embeds: ProbabilisticEmbedding | None = None
-    text_embeds: ProbabilisticEmbedding | None = None
-
-    def to_tuple(self) -> tuple[Any, ...]:
-        return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in self.values())
 
 
 def missing_config_error(name_or_path: str | os.PathLike, subfolder: str | None = None) -> FileNotFoundError | None:
@@ -90,56 +57,6 @@ def missing_config_error(name_or_path: str | os.PathLike, subfolder: str | None 
         "its weights (model.safetensors): pass the folder that model.save_pretrained(...) wrote, or the "
         "checkpoint's parent if this is one of its sub-folders."
     )
-
-
-def build_tower(config: PreTrainedConfig) -> PreTrainedModel:
-    """Instantiate a randomly initialised tower from its config (built-in or any transformers model)."""
-    builtin = BUILTIN_TOWERS.get(config.model_type)
-    return builtin(config) if builtin is not None else AutoModel.from_config(config)
-
-
-def tower_feature_dim(config: PreTrainedConfig) -> int:
-    """Channel size of a tower's ``last_hidden_state`` (CNNs: last stage width; transformers: hidden size)."""
-    if getattr(config, "local_feature_size", None):  # a tower that states it (pcme_original_text)
-        return int(config.local_feature_size)
-    hidden_sizes = getattr(config, "hidden_sizes", None)
-    if hidden_sizes:
-        return int(hidden_sizes[-1])
-    for name in ("hidden_size", "hidden_dim", "d_model"):
-        if getattr(config, name, None):
-            return int(getattr(config, name))
-    raise ValueError(
-        f"Cannot tell the feature size of a {config.model_type!r} tower: its config has no hidden_sizes, "
-        "hidden_size, hidden_dim or d_model. Wrap the backbone so its output has a known width."
-    )
-
-
-def tower_local_and_global(
-    outputs: ModelOutput, attention_mask: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Local features ``(B, L, C)``, a global feature ``(B, C)`` and a padding mask ``(B, L)`` from a tower output.
-
-    CNN grids ``(B, C, H, W)`` become ``H*W`` local features; token sequences are used as they are,
-    with the text padding mask. The global feature is the tower's ``pooler_output`` when it has
-    one (avg-pooled CNN feature, CLS/EOS token, bi-GRU summary), else the masked mean of the locals.
-    """
-    hidden = outputs.last_hidden_state
-    if hidden.dim() == 4:
-        local, mask = hidden.flatten(2).transpose(1, 2), None
-    elif hidden.dim() == 3:
-        local = hidden
-        mask = attention_mask.bool() if attention_mask is not None else None
-    else:
-        raise ValueError(f"Tower output last_hidden_state must be (B, C, H, W) or (B, L, C), got {tuple(hidden.shape)}.")
-    pooled = getattr(outputs, "pooler_output", None)
-    if pooled is None or pooled.shape[0] != local.shape[0]:
-        if mask is None:
-            pooled = local.mean(dim=1)
-        else:
-            weights = mask.unsqueeze(-1).to(local.dtype)
-            pooled = (local * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-    pooled = pooled.flatten(1)
-    return local, pooled, mask
 
 
 class PCMEPreTrainedModel(PreTrainedModel):
@@ -460,25 +377,14 @@ class PCMEModel(PCMEPreTrainedModel):
         )
 
 
-def load_pretrained_tower(name_or_path: str | os.PathLike, **kwargs: Any) -> PreTrainedModel:
-    """Load one pretrained tower (hub id or local folder): built-in towers directly, others via ``AutoModel``."""
-    config_path = os.path.join(str(name_or_path), "config.json")
-    if os.path.isfile(config_path):
-        import json
-
-        with open(config_path, encoding="utf-8") as handle:
-            model_type = json.load(handle).get("model_type")
-        if model_type in BUILTIN_TOWERS:
-            return BUILTIN_TOWERS[model_type].from_pretrained(name_or_path, **kwargs)
-    return AutoModel.from_pretrained(name_or_path, **kwargs)
-
-
 __all__ = [
+    "BUILTIN_TOWERS",
     "PCMEModel",
     "PCMEPreTrainedModel",
     "PCMEOutput",
     "build_tower",
     "load_pretrained_tower",
     "missing_config_error",
+    "tower_feature_dim",
     "tower_local_and_global",
 ]

@@ -8,6 +8,7 @@ Every embedding is a diagonal Gaussian ``N(mean, diag(exp(log_sigma2)))`` in the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers.utils import ModelOutput
@@ -53,3 +54,30 @@ class LossOutput(ModelOutput):
 
     loss: torch.FloatTensor | None = None
     components: dict[str, torch.Tensor] | None = None
+
+
+@dataclass
+class PCMEOutput(ModelOutput):
+    """Output of :meth:`PCMEModel.forward`.
+
+    Args:
+        loss: training loss (when ``return_loss=True``).
+        loss_components: the named terms of the loss (e.g. ``{"matching": ..., "vib": ...}``).
+        logits_per_image: ``(N_img, N_txt)`` ranking scores, higher = better match (see
+            :meth:`PCMEModel.pairwise_logits`).
+        logits_per_text: its transpose.
+        match_prob: ``(N_img, N_txt)`` match probabilities (see :meth:`PCMEModel.match_probability`).
+        image_embeds / text_embeds: :class:`ProbabilisticEmbedding` of each modality (``mean``,
+            ``log_sigma2``, ``samples``, ``attention``, ``uncertainty``).
+    """
+
+    loss: torch.FloatTensor | None = None
+    loss_components: dict[str, torch.Tensor] | None = None
+    logits_per_image: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    match_prob: torch.FloatTensor | None = None
+    image_embeds: ProbabilisticEmbedding | None = None
+    text_embeds: ProbabilisticEmbedding | None = None
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in self.values())

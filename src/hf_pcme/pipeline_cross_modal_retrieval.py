@@ -17,7 +17,10 @@ Each query returns its ranked items (id, text for captions, ``score`` of the ind
 head (for captions: over the tokens, padding weighted 0), and image queries a heatmap of it drawn
 over the image.
 
-This file is shipped as remote code with pushed models: it only imports flat sibling modules.
+This file is shipped as remote code with pushed models: it only imports flat sibling modules. It holds
+the transformers pipeline contract (``_sanitize_parameters`` / ``preprocess`` / ``_forward`` /
+``postprocess``); query normalisation is in :mod:`hf_pcme.pipeline_inputs`, the two-stage re-ranking glue
+in :mod:`hf_pcme.pipeline_rerank`, the match probabilities and result dicts in :mod:`hf_pcme.pipeline_results`.
 """
 
 from __future__ import annotations
@@ -31,13 +34,13 @@ import torch
 from transformers import AutoModel
 from transformers.pipelines.base import ChunkPipeline
 
-from .distances import sample_gaussian
-from .scoring import default_search_score
 from .encoding import infer_modality, load_images
 from .index import CrossModalIndex, model_fingerprint
-from .outputs import ProbabilisticEmbedding
-from .rerank import candidate_scores, check_rerank_top_k, check_reranker_fits
-from .visualization import attention_heatmap
+from .pipeline_inputs import query_aliases, query_list
+from .pipeline_rerank import load_reranker, rerank_outputs, reranker_features
+from .pipeline_results import format_results, match_probabilities
+from .rerank import check_rerank_top_k
+from .scoring import default_search_score
 
 TASK = "cross-modal-retrieval"
 
@@ -94,24 +97,11 @@ class CrossModalRetrievalPipeline(ChunkPipeline):
         # The embeddings of a model's index are only comparable with that model's queries.
         self._model_fingerprint = model_fingerprint(self.model)
         self._index: CrossModalIndex | None = None
-        self.reranker = self._load_reranker(reranker)
+        self.reranker = load_reranker(reranker, self.model, self.device)
         # The re-ranker's local features of each index's items, for indexes this pipeline built.
         self._rerank_features: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         if index is not None:
             self.set_index(index)
-
-    def _load_reranker(self, reranker: Any) -> Any:
-        """An IMRAM model (instance or folder / hub id) that fits this pipeline's model, in eval mode; or None."""
-        if reranker is None:
-            return None
-        if isinstance(reranker, (str, Path)):
-            from .modeling_imram import IMRAMModel
-
-            reranker = IMRAMModel.from_pretrained(reranker)
-        if not callable(getattr(reranker, "score_pairs", None)):
-            raise ValueError(f"reranker must be an IMRAMModel (or its folder), got {type(reranker).__name__}.")
-        check_reranker_fits(reranker, self.model)
-        return reranker.to(self.device).eval()
 
     # ------------------------------------------------------------------ index
     @property
@@ -158,15 +148,8 @@ class CrossModalRetrievalPipeline(ChunkPipeline):
         parts = []
         for start in range(0, len(items), batch_size):
             inputs = self._preprocess_queries(items[start : start + batch_size], modality)
-            parts.append(self._reranker_features(inputs))
+            parts.append(reranker_features(self.reranker, inputs, self.device))
         return concat_local_features(parts)
-
-    def _reranker_features(self, model_inputs: dict[str, Any]) -> Any:
-        if model_inputs["modality"] == "text":
-            return self.reranker.encode_texts(
-                model_inputs["input_ids"].to(self.device), model_inputs["attention_mask"].to(self.device)
-            )
-        return self.reranker.encode_images(model_inputs["pixel_values"].to(self.device, self.reranker.dtype))
 
     def _processor_for(self, modality: str) -> Any:
         if self.processor is not None:
@@ -205,9 +188,9 @@ class CrossModalRetrievalPipeline(ChunkPipeline):
         :meth:`preprocess` (one chunk per ``batch_size`` queries), :meth:`_forward` per chunk and
         :meth:`postprocess` of all chunks.
         """
-        images, texts = _query_aliases(images, texts, kwargs)
+        images, texts = query_aliases(images, texts, kwargs)
         self._sanitize_parameters(**kwargs)  # unknown keywords first
-        queries, modality, single = _queries(images, texts)
+        queries, modality, single = query_list(images, texts)
         query_batch_size = batch_size or self._batch_size or 8
         if query_batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {query_batch_size}.")
@@ -307,7 +290,7 @@ class CrossModalRetrievalPipeline(ChunkPipeline):
             "scores": result.scores,
             "indices": result.indices,
             "distances": result.distances,
-            "match_probability": self._match_probability(query, modality, index, result.indices, match_seed),
+            "match_probability": match_probabilities(self.model, query, modality, index, result.indices, match_seed),
             "query_uncertainty": query.uncertainty,
             "attention": query.attention if return_attention else None,
             "rerank_scores": None,
@@ -316,174 +299,19 @@ class CrossModalRetrievalPipeline(ChunkPipeline):
             "is_last": model_inputs["is_last"],
         }
         if self.reranker is not None:
-            outputs = self._rerank(outputs, model_inputs, index, top_k)
+            items = self._rerank_features.get(index)
+            outputs = rerank_outputs(self.reranker, outputs, model_inputs, items, top_k, self.device)
         return outputs
-
-    def _rerank(self, outputs: dict[str, Any], model_inputs: dict[str, Any], index: CrossModalIndex, top_k: int) -> dict:
-        """Re-order each query's first-stage candidates by the re-ranker's score and keep the first ``top_k``.
-
-        Every per-item field (first-stage score, distance, match probability) moves with its item.
-        """
-        items = self._rerank_features.get(index)
-        if items is None:
-            raise ValueError(
-                "Re-ranking needs the re-ranker's features of the corpus: pass corpus=[captions or images], or build "
-                "the index with this pipeline (retriever.build_index(corpus)) before retriever.set_index(index)."
-            )
-        queries = self._reranker_features(model_inputs)
-        indices = outputs["indices"]
-        device = queries.features.device
-        candidates = indices.clamp_min(0).to(device)
-        if model_inputs["modality"] == "image":
-            scores = candidate_scores(self.reranker, queries, items, candidates, queries_are_images=True)
-        else:
-            scores = candidate_scores(self.reranker, items, queries, candidates, queries_are_images=False)
-        scores = scores.masked_fill(indices.to(device) < 0, float("-inf")).cpu()
-        order = scores.argsort(dim=1, descending=True, stable=True)[:, :top_k]
-        for key in ("scores", "indices", "distances", "match_probability"):
-            if outputs[key] is not None:
-                outputs[key] = outputs[key].gather(1, order.to(outputs[key].device))
-        outputs["rerank_scores"] = scores.gather(1, order)
-        outputs["first_stage_ranks"] = order
-        return outputs
-
-    def _match_probability(
-        self,
-        query: ProbabilisticEmbedding,
-        modality: str,
-        index: CrossModalIndex,
-        indices: torch.Tensor,
-        seed: int | None,
-    ) -> torch.Tensor:
-        """``model.match_probability`` of each query with its own top-k items, ``(Q, k)``.
-
-        Samples (for PCME's Monte-Carlo match probability) are drawn from a generator seeded with
-        ``seed`` (default: ``config.inference_seed``), so the same call gives the same numbers.
-        """
-        num_queries, top_k = indices.shape
-        device = query.mean.device
-        if seed is None:
-            seed = getattr(self.model.config, "inference_seed", None)
-        generator = None if seed is None else torch.Generator(device=device).manual_seed(int(seed))
-        num_samples = int(getattr(self.model.config, "num_samples", 1))
-        items = index.item_embeddings(indices.clamp_min(0))
-        items = ProbabilisticEmbedding(
-            mean=items.mean.to(device),
-            log_sigma2=items.log_sigma2.to(device) if items.log_sigma2 is not None else None,
-        )
-        query, items = (_with_samples(e, num_samples, generator) for e in (query, items))
-        probabilities = torch.empty(num_queries, top_k, device=device)
-        for q in range(num_queries):
-            one_query = _rows(query, slice(q, q + 1))
-            its_items = _rows(items, slice(q * top_k, (q + 1) * top_k))
-            if modality == "text" and index.modality == "image":
-                probabilities[q] = self.model.match_probability(its_items, one_query)[:, 0]
-            else:
-                probabilities[q] = self.model.match_probability(one_query, its_items)[0]
-        return probabilities
 
     def postprocess(self, all_outputs: list[dict[str, Any]], return_attention: bool = False) -> list[dict[str, Any]]:
         """One result dict per query, over the outputs of every chunk."""
         outputs = []
         for model_outputs in all_outputs:
-            outputs.extend(self._postprocess_chunk(model_outputs, model_outputs["index"], return_attention))
-        return outputs
-
-    def _postprocess_chunk(
-        self, model_outputs: dict[str, Any], index: CrossModalIndex, return_attention: bool
-    ) -> list[dict[str, Any]]:
-        outputs = []
-        uncertainty = model_outputs["query_uncertainty"]
-        for q in range(model_outputs["indices"].shape[0]):
-            results = []
-            for rank, position in enumerate(model_outputs["indices"][q].tolist()):
-                if position < 0:  # an approximate (IVF) search may come back short
-                    continue
-                item: dict[str, Any] = {"id": index.ids[position]}
-                if index.texts is not None:
-                    item["text"] = index.texts[position]
-                item["score"] = float(model_outputs["scores"][q, rank])
-                if model_outputs["distances"] is not None:
-                    item["distance"] = float(model_outputs["distances"][q, rank])
-                item["match_probability"] = float(model_outputs["match_probability"][q, rank])
-                item["uncertainty"] = float(index.uncertainty[position]) if index.uncertainty is not None else None
-                if model_outputs.get("rerank_scores") is not None:
-                    item["rerank_score"] = float(model_outputs["rerank_scores"][q, rank])
-                    item["first_stage_rank"] = int(model_outputs["first_stage_ranks"][q, rank])
-                if return_attention and index.attention is not None:
-                    item["attention"] = index.attention[position].numpy()
-                results.append(item)
-            output: dict[str, Any] = {
-                "query_uncertainty": float(uncertainty[q]) if uncertainty is not None else None,
-                "results": results,
-            }
-            attention = model_outputs["attention"]
-            if return_attention and attention is not None:
-                output["attention"] = attention[q].float().numpy()
-                if model_outputs["modality"] == "image":
-                    output["attention_heatmap"] = attention_heatmap(model_outputs["images"][q], attention[q])
-            outputs.append(output)
+            outputs.extend(format_results(model_outputs, model_outputs["index"], return_attention))
         return outputs
 
 
-# ---------------------------------------------------------------------------- helpers
-def _query_aliases(images: Any, texts: Any, kwargs: dict[str, Any]) -> tuple[Any, Any]:
-    """Accept the processor's names ``image=`` / ``text=`` for ``images=`` / ``texts=`` (popped from ``kwargs``)."""
-    for alias, name, value in (("image", "images", images), ("text", "texts", texts)):
-        if alias in kwargs:
-            if value is not None:
-                raise ValueError(f"Give {name}= or {alias}= (the same argument), not both.")
-            if name == "images":
-                images = kwargs.pop(alias)
-            else:
-                texts = kwargs.pop(alias)
-    return images, texts
-
-
-def _queries(images: Any, texts: Any) -> tuple[list, str, bool]:
-    """The query list, its modality and whether a single query (not a list) was given."""
-    if images is not None and texts is not None:
-        raise ValueError("Give either images= or texts=, not both: one query modality per call.")
-    if images is None and texts is None:
-        raise ValueError("No query: pass images=[...] (PIL images or local paths) or texts=[...] (captions).")
-    if texts is not None:
-        single = isinstance(texts, str)
-        queries = [texts] if single else list(texts)
-        if not queries:
-            raise ValueError("texts is empty: give at least one caption.")
-        bad = [type(t).__name__ for t in queries if not isinstance(t, str)]
-        if bad:
-            raise ValueError(f"texts must be captions (str); got {bad[0]}. Images go in images=.")
-        return queries, "text", single
-    single = not isinstance(images, (list, tuple))
-    queries = [images] if single else list(images)
-    if not queries:
-        raise ValueError("images is empty: give at least one image.")
-    from PIL import Image
-
-    bad = [type(i).__name__ for i in queries if not isinstance(i, (Image.Image, str, Path))]
-    if bad:
-        raise ValueError(f"images must be PIL images or local paths; got {bad[0]}. Captions go in texts=.")
-    return queries, "image", single
-
-
-def _rows(embedding: ProbabilisticEmbedding, rows: slice) -> ProbabilisticEmbedding:
-    return ProbabilisticEmbedding(
-        mean=embedding.mean[rows],
-        log_sigma2=embedding.log_sigma2[rows] if embedding.log_sigma2 is not None else None,
-        samples=embedding.samples[rows] if embedding.samples is not None else None,
-    )
-
-
-def _with_samples(
-    embedding: ProbabilisticEmbedding, num_samples: int, generator: torch.Generator
-) -> ProbabilisticEmbedding:
-    if embedding.log_sigma2 is None or num_samples < 1:
-        return embedding
-    samples = sample_gaussian(embedding.mean.float(), embedding.log_sigma2.float(), num_samples, generator)
-    return ProbabilisticEmbedding(mean=embedding.mean, log_sigma2=embedding.log_sigma2, samples=samples)
-
-
+# ---------------------------------------------------------------------------- registration
 def register_pipeline() -> None:
     """Register the ``"cross-modal-retrieval"`` task with transformers (called by ``import hf_pcme``)."""
     from transformers.pipelines import PIPELINE_REGISTRY

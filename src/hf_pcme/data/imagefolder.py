@@ -72,6 +72,27 @@ def _pick_column(columns: list[str], wanted: str | None, tags: bool, where: str)
     return found
 
 
+def _caption_column(root: Path, caption_column: str | None, tags: bool) -> str:
+    """The caption (or tags) column, from the first metadata file under ``root``; raises when there is none."""
+    metadata = _metadata_files(root)
+    if not metadata:
+        raise FileNotFoundError(
+            f"No metadata.jsonl or metadata.csv under {root}: the captions of the images must be listed there.\n"
+            f"Expected layout:\n{IMAGEFOLDER_LAYOUT}"
+        )
+    columns = _metadata_columns(metadata[0])
+    return _pick_column(columns, caption_column, tags, str(metadata[0]))
+
+
+def _source_files(root: Path, cache: str | None) -> list[str]:
+    """Every file under ``root`` (sorted), except those of an Arrow cache kept inside it."""
+    inside_cache = Path(cache).resolve() if cache is not None else None
+    return sorted(
+        str(path) for path in root.rglob("*")
+        if path.is_file() and (inside_cache is None or inside_cache not in path.resolve().parents)
+    )
+
+
 def load_imagefolder(
     data_dir: str | os.PathLike,
     *,
@@ -106,14 +127,7 @@ def load_imagefolder(
         split: return only this split.
     """
     root = require_dir(data_dir, "Image folder", IMAGEFOLDER_LAYOUT).resolve()
-    metadata = _metadata_files(root)
-    if not metadata:
-        raise FileNotFoundError(
-            f"No metadata.jsonl or metadata.csv under {root}: the captions of the images must be listed there.\n"
-            f"Expected layout:\n{IMAGEFOLDER_LAYOUT}"
-        )
-    columns = _metadata_columns(metadata[0])
-    column = _pick_column(columns, caption_column, tags, str(metadata[0]))
+    column = _caption_column(root, caption_column, tags)
     spec = RowSpec(
         image_column="image", caption_column=column, id_column=id_column, tags=tags, tag_separator=tag_separator,
         missing_images=missing_images, empty_captions=empty_captions, verify_images=verify_images,
@@ -121,11 +135,7 @@ def load_imagefolder(
     )
     cache = None if cache_dir is None else os.fspath(cache_dir)
     # Every file's size and time: adding, removing or editing an image or the metadata rebuilds the cache.
-    inside_cache = Path(cache).resolve() if cache is not None else None
-    files = sorted(
-        str(path) for path in root.rglob("*")
-        if path.is_file() and (inside_cache is None or inside_cache not in path.resolve().parents)
-    )
+    files = _source_files(root, cache)
 
     def sources() -> dict[str, datasets.Dataset]:
         image_level = datasets.load_dataset("imagefolder", data_dir=str(root), cache_dir=cache)

@@ -178,7 +178,7 @@ def load_shapes_web(
         check_choice(split, SPLIT_NUMBERS if num_eval_images else ("train",), "split")
     builder = ShapesWeb(
         cache_dir=None if cache_dir is None else os.fspath(cache_dir),
-        hash=code_hash(__file__, shapes_module.__file__),
+        hash=code_hash(__file__, *shapes_module.SOURCE_FILES),
         num_train_images=num_images,
         num_val_images=num_eval_images,
         num_test_images=num_eval_images,

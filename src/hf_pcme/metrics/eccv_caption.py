@@ -161,30 +161,47 @@ def evaluate_eccv_caption(
     kwargs["image_classes"] = None
     sets = [("eccv", "eccv", (1,)), ("cxc", "cxc", tuple(ks))] if protocol == "eccv_caption" else [("cxc", "cxc", tuple(ks))]
     for name, prefix, set_ks in sets:
-        lists, unranked, missing = positive_lists(load_positives(name, annotation_dir), image_ids, text_ids)
-        for direction, count in missing.items():
-            if count:
-                total = len(load_positives(name, annotation_dir)[direction])
-                logger.warning(
-                    "%s: %d of the %d %s queries are not among the given ids and are left out; the numbers are not "
-                    "comparable with published ones (those use the whole COCO 5K test split).",
-                    name, count, total, direction,
-                )  # fmt: skip
-        if not any(lists["i2t"]) and not any(lists["t2i"]):
-            raise ValueError(
-                f"None of the given ids is a query of the {name!r} positives: image_ids must be COCO image ids and "
-                "text_ids COCO caption annotation ids of the 5K test split."
-            )
-        part = evaluate_retrieval(
-            positives=lists, unranked_positives=unranked, image_ids=None, text_ids=None, ks=set_ks, **kwargs
+        results.update(_positive_set_metrics(name, prefix, set_ks, image_ids, text_ids, annotation_dir, kwargs))
+    return results
+
+
+def _positive_set_metrics(
+    name: str,
+    prefix: str,
+    ks: tuple[int, ...],
+    image_ids: list[int],
+    text_ids: list[int],
+    annotation_dir: str | Path | None,
+    evaluate_kwargs: dict[str, Any],
+) -> dict[str, float]:
+    """One ranking pass against the ``name`` positives (``"eccv"`` or ``"cxc"``), as ``{prefix}_{direction}_...`` keys."""
+    from .retrieval import evaluate_retrieval
+
+    lists, unranked, missing = positive_lists(load_positives(name, annotation_dir), image_ids, text_ids)
+    for direction, count in missing.items():
+        if count:
+            total = len(load_positives(name, annotation_dir)[direction])
+            logger.warning(
+                "%s: %d of the %d %s queries are not among the given ids and are left out; the numbers are not "
+                "comparable with published ones (those use the whole COCO 5K test split).",
+                name, count, total, direction,
+            )  # fmt: skip
+    if not any(lists["i2t"]) and not any(lists["t2i"]):
+        raise ValueError(
+            f"None of the given ids is a query of the {name!r} positives: image_ids must be COCO image ids and "
+            "text_ids COCO caption annotation ids of the 5K test split."
         )
-        for direction in ("i2t", "t2i"):
-            if name == "eccv":
-                for key, source in ECCV_KEYS.items():
-                    results[f"{prefix}_{direction}_{key}"] = part[f"{direction}_{source}"]
-            else:
-                for k in set_ks:
-                    results[f"{prefix}_{direction}_r@{k}"] = part[f"{direction}_positives_R@{k}"]
+    part = evaluate_retrieval(
+        positives=lists, unranked_positives=unranked, image_ids=None, text_ids=None, ks=ks, **evaluate_kwargs
+    )
+    results = {}
+    for direction in ("i2t", "t2i"):
+        if name == "eccv":
+            for key, source in ECCV_KEYS.items():
+                results[f"{prefix}_{direction}_{key}"] = part[f"{direction}_{source}"]
+        else:
+            for k in ks:
+                results[f"{prefix}_{direction}_r@{k}"] = part[f"{direction}_positives_R@{k}"]
     return results
 
 
