@@ -33,22 +33,19 @@ always sees one consistent index.
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from .distances import iter_row_chunks
 from .encoding import encode_batch, encode_corpus, infer_modality, load_images  # noqa: F401  (re-exported)
 from .heads import MULTI_EMBEDDING_HEADS
+from .index_ann import AnnOptions, ApproximateBackend
 from .index_backends import (  # noqa: F401  (QUERY_CHUNK_ROWS, SCORE_BLOCK_ELEMENTS, faiss: re-exported)
-    FAISS_INDEX_TYPES,
     IVF_TRAIN_POINTS_PER_CELL,
     QUERY_CHUNK_ROWS,
     SCORE_BLOCK_ELEMENTS,
@@ -58,21 +55,18 @@ from .index_backends import (  # noqa: F401  (QUERY_CHUNK_ROWS, SCORE_BLOCK_ELEM
     faiss,
     require_faiss,
 )
+from .index_build import FAISS_INDEX_TYPES, build_search_backend, read_faiss_backend
+from .index_io import CONFIG_NAME, EMBEDDINGS_NAME, FAISS_NAME, FORMAT_VERSION, IDS_NAME  # noqa: F401
+from .index_io import read_index_files, write_index_files
 from .outputs import ProbabilisticEmbedding
 from .registry import check_choice
-from .scoring import SCORES, SEARCH_SCORES, as_embedding_rows, default_search_score
+from .scoring import SCORES, SEARCH_SCORES, default_search_score
 from .scoring import item_search_vectors, query_search_vectors  # noqa: F401  (old public names)
 
 #: The scores an index searches exactly (``hf_pcme.scoring.SEARCH_SCORES``).
 METRICS = SEARCH_SCORES
 BACKENDS = ("torch", "faiss")
 MODALITIES = ("text", "image")
-
-CONFIG_NAME = "index_config.json"
-IDS_NAME = "ids.json"
-EMBEDDINGS_NAME = "embeddings.safetensors"
-FAISS_NAME = "index.faiss"
-FORMAT_VERSION = 1
 
 #: Items turned into search vectors at once while building (bounds the temporaries).
 BUILD_CHUNK_ROWS = 65536
@@ -147,6 +141,10 @@ class CrossModalIndex:
         modality: ``"text"`` or ``"image"``: what the items are.
         metric: ``"cosine"`` or ``"csd"``.
         backend: ``"torch"`` or ``"faiss"``.
+        faiss_index_type: ``"flat"`` (exact) or an approximate type, ``"ivf"``, ``"ivf_pq"``, ``"hnsw"``.
+        nlist: IVF cells (``None`` otherwise). nprobe / ef_search / candidate_factor: search
+            options of the approximate types, settable at any time (``hf_pcme.index_ann``).
+        ann_options: :class:`~hf_pcme.index_ann.AnnOptions` of the approximate types.
         embed_dim: D.  num_embeds: K embeddings per item (1 except for polysemous heads).
         log_sigma2: ``(N, D)`` item log variances or ``None``.
         uncertainty: ``(N,)`` mean over D of sigma^2 (``ProbabilisticEmbedding.uncertainty``) or ``None``.
@@ -169,9 +167,10 @@ class CrossModalIndex:
         nlist: int | None,
         nprobe: int,
         model_fingerprint: str | None,
+        ann_options: AnnOptions | None = None,
     ):
         # Use the constructors (from_embeddings, build, load); this one trusts its arguments.
-        self._searcher = searcher  # the search vectors and the search (index_backends.py)
+        self._searcher = searcher  # the search vectors and the search (index_backends.py, index_ann.py)
         self.num_items = searcher.num_items
         self.embed_dim = embed_dim
         self.num_embeds = searcher.num_embeds
@@ -184,6 +183,7 @@ class CrossModalIndex:
         self.backend = searcher.name
         self.faiss_index_type = faiss_index_type
         self.nlist = nlist
+        self.ann_options = getattr(searcher, "options", None) or ann_options or AnnOptions()
         self.nprobe = nprobe
         self.model_fingerprint = model_fingerprint
         self.uncertainty = _uncertainty(log_sigma2)
@@ -196,6 +196,45 @@ class CrossModalIndex:
     @property
     def _faiss_index(self) -> Any:
         return getattr(self._searcher, "faiss_index", None)
+
+    # ------------------------------------------------------------------ approximate search options
+    @property
+    def nprobe(self) -> int:
+        """IVF cells scanned per query (``"ivf"`` / ``"ivf_pq"``); ``nprobe >= nlist`` scans them all."""
+        return self._nprobe
+
+    @nprobe.setter
+    def nprobe(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"nprobe must be >= 1, got {value!r}.")
+        self._nprobe = value
+        if isinstance(self._searcher, ApproximateBackend):
+            self._searcher.set_nprobe(value)
+
+    @property
+    def ef_search(self) -> int:
+        """HNSW search beam (``"hnsw"``; at least ``candidate_factor * top_k`` is used)."""
+        return self.ann_options.ef_search
+
+    @ef_search.setter
+    def ef_search(self, value: int) -> None:
+        self._set_ann_option(ef_search=value)
+        if isinstance(self._searcher, ApproximateBackend):
+            self._searcher.set_ef_search(value)
+
+    @property
+    def candidate_factor(self) -> int:
+        """Candidates re-scored exactly per result by the approximate types (``k' = candidate_factor * k``)."""
+        return self.ann_options.candidate_factor
+
+    @candidate_factor.setter
+    def candidate_factor(self, value: int) -> None:
+        self._set_ann_option(candidate_factor=value)
+
+    def _set_ann_option(self, **values: int) -> None:
+        self.ann_options = replace(self.ann_options, **values)  # validates, naming the option
+        if isinstance(self._searcher, ApproximateBackend):
+            self._searcher.options = self.ann_options
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -213,6 +252,7 @@ class CrossModalIndex:
         faiss_index_type: str = "flat",
         nlist: int | None = None,
         nprobe: int = 16,
+        ann_options: AnnOptions | None = None,
         model_fingerprint: str | None = None,
         device: torch.device | str | None = None,
         chunk_size: int | None = None,
@@ -222,76 +262,41 @@ class CrossModalIndex:
         Args:
             mean: ``(N, D)`` means, or ``(N, K, D)`` for K embeddings per item (PVSE).
             log_sigma2: ``(N, D)`` log variances, or ``None`` for point embeddings.
-            ids: one str / int per item (default ``0..N-1``).
-            texts: the captions, for a text corpus (returned with the results).
+            ids: one str / int per item (default ``0..N-1``).  texts: the captions of a text corpus.
             attention: ``(N, K, L)`` attention maps of the items, kept for display.
-            modality: what the items are, ``"text"`` or ``"image"``.
-            metric: ``"cosine"`` or ``"csd"``.
-            backend: ``"torch"`` (exact, chunked) or ``"faiss"`` (inner-product index).
-            faiss_index_type: ``"flat"`` (exact) or ``"ivf"`` (approximate, ``nlist`` cells,
-                ``nprobe`` visited per query; default ``nlist = 4 sqrt(N)``).
+            modality: what the items are, ``"text"`` or ``"image"``.  metric: ``"cosine"`` or ``"csd"``.
+            backend: ``"torch"`` (exact, chunked) or ``"faiss"``.
+            faiss_index_type: ``"flat"`` (exact), or approximate with exact re-scoring of the
+                candidates: ``"ivf"`` (IVF-Flat), ``"ivf_pq"`` (IVF-PQ), ``"hnsw"``
+                (``hf_pcme.index_ann``: how to choose the options).
+            nlist / nprobe: IVF cells (default ``4 sqrt(N)``) / cells scanned per query.
+            ann_options: the other options of the approximate types (:class:`~hf_pcme.index_ann.AnnOptions`).
             model_fingerprint: :func:`model_fingerprint` of the model that made the embeddings.
             device: where the torch back end keeps its vectors (default: the device of ``mean``).
             chunk_size: items scored per block by the torch back end (default: automatic,
                 bounded to 64 MiB of scores).
         """
-        check_choice(modality, MODALITIES, "modality")
         check_choice(metric, METRICS, "metric")
         check_choice(backend, BACKENDS, "backend")
         check_choice(faiss_index_type, FAISS_INDEX_TYPES, "faiss_index_type")
-        if not isinstance(mean, torch.Tensor):
-            raise TypeError(f"mean must be a torch.Tensor, got {type(mean).__name__}.")
-        if mean.dim() not in (2, 3):
-            raise ValueError(f"mean must be (N, D) or (N, K, D), got shape {tuple(mean.shape)}.")
-        num_items = mean.shape[0]
-        if num_items == 0:
-            raise ValueError("The corpus is empty: mean has 0 rows. Give at least one item to index.")
-        if log_sigma2 is not None:
-            if mean.dim() != 2 or log_sigma2.shape != mean.shape:
-                raise ValueError(
-                    f"log_sigma2 must have the shape of mean (N, D) = {tuple(mean.shape)}, "
-                    f"got {tuple(log_sigma2.shape)}."
-                )
-            log_sigma2 = log_sigma2.detach().float().cpu()
-        ids = _check_ids(ids, num_items)
-        if texts is not None:
-            texts = [str(t) for t in texts]
-            if len(texts) != num_items:
-                raise ValueError(f"texts must have one entry per item ({num_items}), got {len(texts)}.")
-        if attention is not None:
-            if attention.dim() != 3 or attention.shape[0] != num_items:
-                raise ValueError(f"attention must be (N, K, L) with N = {num_items}, got {tuple(attention.shape)}.")
-            attention = attention.detach().float().cpu()
+        log_sigma2, attention, ids, texts = _check_payload(mean, log_sigma2, attention, ids, texts, modality)
         if backend == "faiss":
             require_faiss()
         if nprobe < 1:
             raise ValueError(f"nprobe must be >= 1, got {nprobe}.")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}.")
-
-        mean = mean.detach()
+        index_type = faiss_index_type if backend == "faiss" else "flat"
         score = SCORES[metric]()
-        if backend == "faiss":  # FAISS holds the only copy of the vectors
-            searcher, nlist = _build_faiss_backend(mean.cpu(), log_sigma2, score, faiss_index_type, nlist, nprobe)
-        else:
-            mean = mean.to(device) if device is not None else mean
-            vectors = score.item_vectors(mean, log_sigma2.to(mean.device) if log_sigma2 is not None else None)
-            searcher = TorchBackend(vectors, chunk_size)
-        del mean
+        searcher, nlist = build_search_backend(
+            mean.detach(), log_sigma2, score, backend=backend, index_type=index_type, nlist=nlist, nprobe=nprobe,
+            options=ann_options, device=device, chunk_size=chunk_size, block_rows=BUILD_CHUNK_ROWS,
+        )  # fmt: skip
         return cls(
-            searcher=searcher,
-            embed_dim=searcher.dim - score.extra_dims,
-            log_sigma2=log_sigma2,
-            attention=attention,
-            ids=ids,
-            texts=texts,
-            modality=modality,
-            metric=metric,
-            faiss_index_type=faiss_index_type if backend == "faiss" else "flat",
-            nlist=nlist if backend == "faiss" and faiss_index_type == "ivf" else None,
-            nprobe=nprobe,
-            model_fingerprint=model_fingerprint,
-        )
+            searcher=searcher, embed_dim=searcher.dim - score.extra_dims, log_sigma2=log_sigma2, attention=attention,
+            ids=ids, texts=texts, modality=modality, metric=metric, faiss_index_type=index_type, nlist=nlist,
+            nprobe=nprobe, model_fingerprint=model_fingerprint, ann_options=ann_options,
+        )  # fmt: skip
 
     @classmethod
     def build(
@@ -304,14 +309,9 @@ class CrossModalIndex:
         batch_size: int = 32,
         ids: Sequence[str | int] | None = None,
         metric: str | None = None,
-        backend: str = "torch",
-        faiss_index_type: str = "flat",
-        nlist: int | None = None,
-        nprobe: int = 16,
         store_attention: bool = True,
-        device: torch.device | str | None = None,
         progress_bar: bool = True,
-        chunk_size: int | None = None,
+        **index_options: Any,
     ) -> "CrossModalIndex":
         """Embed a corpus with a model and index it.
 
@@ -327,7 +327,8 @@ class CrossModalIndex:
             ids: default: the paths of path images, else ``0..N-1``.
             metric: default :func:`default_metric` of the model.
             store_attention: keep the image items' attention maps (``(N, K, L)``) for display.
-            device: where the torch back end keeps its vectors (default: the model's device).
+            index_options: ``backend``, ``faiss_index_type``, ``nlist``, ``nprobe``, ``ann_options``,
+                ``device`` (default: the model's device), ``chunk_size``: as :meth:`from_embeddings`.
         """
         corpus = list(corpus)
         if not corpus:
@@ -336,32 +337,21 @@ class CrossModalIndex:
         check_choice(modality, MODALITIES, "modality")
         if ids is None and modality == "image" and all(isinstance(item, (str, Path)) for item in corpus):
             ids = [str(item) for item in corpus]
-        texts = [str(t) for t in corpus] if modality == "text" else None
         keep_attention = store_attention and modality == "image"
         embeddings = encode_corpus(
-            model,
-            processor,
-            corpus,
-            modality,
-            batch_size=batch_size,
-            return_attention=keep_attention,
+            model, processor, corpus, modality, batch_size=batch_size, return_attention=keep_attention,
             progress_bar=progress_bar,
-        )
+        )  # fmt: skip
         return cls.from_embeddings(
             embeddings.mean,
             embeddings.log_sigma2,
             ids=ids,
-            texts=texts,
+            texts=[str(t) for t in corpus] if modality == "text" else None,
             attention=embeddings.attention if keep_attention else None,
             modality=modality,
             metric=metric or default_metric(model),
-            backend=backend,
-            faiss_index_type=faiss_index_type,
-            nlist=nlist,
-            nprobe=nprobe,
             model_fingerprint=model_fingerprint(model),
-            device=device,
-            chunk_size=chunk_size,
+            **index_options,
         )
 
     # ------------------------------------------------------------------ properties
@@ -442,8 +432,23 @@ class CrossModalIndex:
             query_log_sigma2: ``(Q, D)`` log variances (CSD; ``None`` = point queries).
             top_k: items per query, ``1 <= top_k <= len(self)``.
         Returns:
-            :class:`SearchResult` on the CPU; for CSD, ``distances`` are exact CSDs.
+            :class:`SearchResult` on the CPU; for CSD, ``distances`` are exact CSDs (the approximate
+            FAISS types re-score their candidates exactly).
         """
+        self._check_query(query_mean, query_log_sigma2, top_k)
+        device = self.device
+        query_mean = query_mean.detach().to(device)
+        if query_log_sigma2 is not None:
+            query_log_sigma2 = query_log_sigma2.detach().to(device)
+        # Full precision even inside autocast: a half-precision product would blur close scores.
+        with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
+            query_vectors, offsets = SCORES[self.metric]().query_vectors(query_mean, query_log_sigma2)
+            scores, indices = self._searcher.search(query_vectors, offsets, top_k)
+        scores, indices = scores.cpu(), indices.cpu()
+        distances = -scores if self.metric == "csd" else None
+        return SearchResult(scores=scores, indices=indices, distances=distances)
+
+    def _check_query(self, query_mean: torch.Tensor, query_log_sigma2: torch.Tensor | None, top_k: int) -> None:
         if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
             raise ValueError(f"top_k must be a positive integer, got {top_k!r}.")
         if top_k > self.num_items:
@@ -465,52 +470,26 @@ class CrossModalIndex:
                 "the queries have variances but the index does not"
             )
             raise ValueError(f"CSD needs variances on both sides or neither: {which}. Use one model for both.")
-        device = self.device
-        query_mean = query_mean.detach().to(device)
-        if query_log_sigma2 is not None:
-            query_log_sigma2 = query_log_sigma2.detach().to(device)
-        # Full precision even inside autocast: a half-precision product would blur close scores.
-        with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
-            query_vectors, offsets = SCORES[self.metric]().query_vectors(query_mean, query_log_sigma2)
-            scores, indices = self._searcher.search(query_vectors, offsets, top_k)
-        scores, indices = scores.cpu(), indices.cpu()
-        distances = -scores if self.metric == "csd" else None
-        return SearchResult(scores=scores, indices=indices, distances=distances)
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write the index to ``directory`` (created if needed); returns the directory.
-
-        ``index_config.json`` + ``ids.json`` + ``embeddings.safetensors`` (+ ``index.faiss``).
-        """
+        """Write the index to ``directory`` (created if needed); returns the directory (``hf_pcme.index_io``)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors: dict[str, torch.Tensor] = {}
         if self.backend == "faiss":
             self._searcher.write(directory / FAISS_NAME)
-        else:
-            tensors["mean"] = self.mean.cpu().contiguous()
-        if self.log_sigma2 is not None:
-            tensors["log_sigma2"] = self.log_sigma2.contiguous()
-        if self.attention is not None:
-            tensors["attention"] = self.attention.contiguous()
-        if tensors:
-            save_file(tensors, str(directory / EMBEDDINGS_NAME), metadata={"format": "pt"})
+        # FAISS flat, IVF-Flat and HNSW store the exact vectors; the torch tensor and IVF-PQ's codes do not.
+        keep_mean = self.backend == "torch" or getattr(self._searcher, "exact", None) is not None
         config = {
-            "format_version": FORMAT_VERSION,
-            "num_items": self.num_items,
-            "embed_dim": self.embed_dim,
-            "num_embeds": self.num_embeds,
-            "modality": self.modality,
-            "metric": self.metric,
-            "backend": self.backend,
-            "faiss_index_type": self.faiss_index_type,
-            "nlist": self.nlist,
-            "nprobe": self.nprobe,
+            "num_items": self.num_items, "embed_dim": self.embed_dim, "num_embeds": self.num_embeds,
+            "modality": self.modality, "metric": self.metric, "backend": self.backend,
+            "faiss_index_type": self.faiss_index_type, "nlist": self.nlist, "nprobe": self.nprobe,
             "model_fingerprint": self.model_fingerprint,
-        }
-        (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        (directory / IDS_NAME).write_text(json.dumps({"ids": self.ids, "texts": self.texts}), encoding="utf-8")
+        }  # fmt: skip
+        if self.faiss_index_type != "flat":
+            config["ann"] = self.ann_options.to_dict()
+        tensors = {"mean": self.mean if keep_mean else None, "log_sigma2": self.log_sigma2, "attention": self.attention}
+        write_index_files(directory, config, self.ids, self.texts, tensors)
         return directory
 
     @classmethod
@@ -521,80 +500,71 @@ class CrossModalIndex:
         backend: str | None = None,
         device: torch.device | str | None = None,
         nprobe: int | None = None,
+        ef_search: int | None = None,
     ) -> "CrossModalIndex":
         """Read an index written by :meth:`save`.
 
         ``backend`` (default: the saved one) may differ from the saved back end: the vectors
-        are then moved into the other one. ``device`` places the torch back end.
+        are then moved into the other one. ``device`` places the torch back end. ``nprobe`` and
+        ``ef_search`` override the saved search options (they can also be set later).
         """
         directory = Path(directory)
-        config_path = directory / CONFIG_NAME
-        if not config_path.is_file():
-            raise FileNotFoundError(
-                f"No {CONFIG_NAME} in {directory}: not a directory written by CrossModalIndex.save."
-            )
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-        if config.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"Unsupported index format_version {config.get('format_version')!r} (expected {FORMAT_VERSION})."
-            )
-        names = json.loads((directory / IDS_NAME).read_text(encoding="utf-8"))
-        tensors = load_file(str(directory / EMBEDDINGS_NAME)) if (directory / EMBEDDINGS_NAME).is_file() else {}
-        saved_backend = config["backend"]
-        backend = backend or saved_backend
+        config, names, tensors = read_index_files(directory)
+        backend = backend or config["backend"]
         check_choice(backend, BACKENDS, "backend")
-        nprobe = nprobe if nprobe is not None else config["nprobe"]
+        log_sigma2 = tensors.get("log_sigma2")
+        log_sigma2 = log_sigma2.float() if log_sigma2 is not None else None
+        ann_options = AnnOptions.from_dict(config.get("ann"))
+        if ef_search is not None:
+            ann_options = replace(ann_options, ef_search=ef_search)
         common = dict(
-            ids=names["ids"],
-            texts=names["texts"],
-            attention=tensors.get("attention"),
-            modality=config["modality"],
-            metric=config["metric"],
-            model_fingerprint=config["model_fingerprint"],
-        )
-        if saved_backend == "faiss":
-            searcher = _read_faiss_backend(directory, config, nprobe)
+            ids=names["ids"], texts=names["texts"], attention=tensors.get("attention"), modality=config["modality"],
+            metric=config["metric"], model_fingerprint=config["model_fingerprint"],
+            nprobe=nprobe if nprobe is not None else config["nprobe"],
+        )  # fmt: skip
+        mean = tensors.get("mean")
+        if config["backend"] == "faiss":
+            searcher = read_faiss_backend(directory / FAISS_NAME, {**config, "ann": ann_options.to_dict()}, mean, log_sigma2)
             if backend == "faiss":
-                log_sigma2 = tensors.get("log_sigma2")
-                return cls(
-                    searcher=searcher,
-                    embed_dim=config["embed_dim"],
-                    log_sigma2=log_sigma2.float() if log_sigma2 is not None else None,
-                    faiss_index_type=config["faiss_index_type"],
-                    nlist=config["nlist"],
-                    nprobe=nprobe,
-                    **{**common, "ids": _check_ids(common["ids"], config["num_items"])},
-                )
-            vectors = searcher.reconstruct_all()
-            mean = _means_from_search_vectors(vectors, config["metric"])
+                common["ids"] = _check_ids(common["ids"], config["num_items"])
+                return cls(searcher=searcher, embed_dim=config["embed_dim"], log_sigma2=log_sigma2,
+                           faiss_index_type=config["faiss_index_type"], nlist=config["nlist"], **common)  # fmt: skip
+            mean = _means_from_search_vectors(searcher.reconstruct_all(), config["metric"])
             mean = mean.squeeze(1) if config["num_embeds"] == 1 else mean
-        else:
-            mean = tensors["mean"]
         return cls.from_embeddings(
-            mean,
-            tensors.get("log_sigma2"),
-            backend=backend,
-            faiss_index_type=config["faiss_index_type"],
-            nlist=config["nlist"],
-            nprobe=nprobe,
-            device=device,
-            **common,
-        )
+            mean, log_sigma2, backend=backend, faiss_index_type=config["faiss_index_type"], nlist=config["nlist"],
+            ann_options=ann_options, device=device, **common,
+        )  # fmt: skip
 
 
-def _read_faiss_backend(directory: Path, config: dict, nprobe: int) -> FaissBackend:
-    searcher = FaissBackend.read(directory / FAISS_NAME, config["num_embeds"])
-    index = searcher.faiss_index
-    expected_rows = config["num_items"] * config["num_embeds"]
-    expected_dim = config["embed_dim"] + SCORES[config["metric"]].extra_dims
-    if index.ntotal != expected_rows or index.d != expected_dim:
-        raise ValueError(
-            f"{FAISS_NAME} holds {index.ntotal} vectors of size {index.d}, but {CONFIG_NAME} says "
-            f"{expected_rows} of size {expected_dim}: the files do not belong together."
-        )
-    if config["faiss_index_type"] == "ivf":
-        searcher.set_nprobe(nprobe)
-    return searcher
+def _check_payload(
+    mean: Any, log_sigma2: Any, attention: Any, ids: Any, texts: Any, modality: str
+) -> tuple[torch.Tensor | None, torch.Tensor | None, list, list[str] | None]:
+    """Validate what an index stores next to the means; returns log_sigma2, attention (float32, CPU), ids, texts."""
+    check_choice(modality, MODALITIES, "modality")
+    if not isinstance(mean, torch.Tensor):
+        raise TypeError(f"mean must be a torch.Tensor, got {type(mean).__name__}.")
+    if mean.dim() not in (2, 3):
+        raise ValueError(f"mean must be (N, D) or (N, K, D), got shape {tuple(mean.shape)}.")
+    num_items = mean.shape[0]
+    if num_items == 0:
+        raise ValueError("The corpus is empty: mean has 0 rows. Give at least one item to index.")
+    if log_sigma2 is not None:
+        if mean.dim() != 2 or log_sigma2.shape != mean.shape:
+            raise ValueError(
+                f"log_sigma2 must have the shape of mean (N, D) = {tuple(mean.shape)}, got {tuple(log_sigma2.shape)}."
+            )
+        log_sigma2 = log_sigma2.detach().float().cpu()
+    ids = _check_ids(ids, num_items)
+    if texts is not None:
+        texts = [str(t) for t in texts]
+        if len(texts) != num_items:
+            raise ValueError(f"texts must have one entry per item ({num_items}), got {len(texts)}.")
+    if attention is not None:
+        if attention.dim() != 3 or attention.shape[0] != num_items:
+            raise ValueError(f"attention must be (N, K, L) with N = {num_items}, got {tuple(attention.shape)}.")
+        attention = attention.detach().float().cpu()
+    return log_sigma2, attention, ids, texts
 
 
 def _check_ids(ids: Sequence[Any] | None, num_items: int) -> list:
@@ -620,42 +590,8 @@ def _uncertainty(log_sigma2: torch.Tensor | None) -> torch.Tensor | None:
     return torch.cat(blocks)
 
 
-def _build_faiss_backend(
-    mean: torch.Tensor,
-    log_sigma2: torch.Tensor | None,
-    score: Any,
-    index_type: str,
-    nlist: int | None,
-    nprobe: int,
-) -> tuple[FaissBackend, int | None]:
-    """A FAISS back end of the items' search vectors (one FAISS row per embedding).
-
-    Vectors are made and added block by block: the index's own storage is the only full copy.
-    """
-    require_faiss()
-    mean = as_embedding_rows(mean, "mean")
-    num_items, num_embeds, dim = mean.shape[0], mean.shape[1], mean.shape[2] + score.extra_dims
-
-    def block(rows: slice | torch.Tensor) -> torch.Tensor:
-        return score.item_vectors(mean[rows], log_sigma2[rows] if log_sigma2 is not None else None)
-
-    train_vectors = None
-    if index_type == "ivf":
-        num_rows = num_items * num_embeds
-        nlist = nlist or max(1, min(num_rows, int(4 * math.sqrt(num_rows))))
-        if nlist > num_rows:
-            raise ValueError(f"nlist={nlist} is larger than the number of vectors ({num_rows}): use a smaller nlist.")
-        # k-means needs a few dozen points per cell; a fixed random subset keeps training fast and reproducible.
-        sample_items = min(num_items, max(IVF_TRAIN_POINTS_PER_CELL * nlist // num_embeds, 1))
-        sample = torch.randperm(num_items, generator=torch.Generator().manual_seed(0))[:sample_items].sort().values
-        train_vectors = block(sample)
-    searcher = FaissBackend.create(dim, num_embeds, index_type, nlist, nprobe, train_vectors)
-    for rows in iter_row_chunks(num_items, BUILD_CHUNK_ROWS):
-        searcher.add(block(rows))
-    return searcher, nlist
-
-
 __all__ = [
+    "AnnOptions",
     "CrossModalIndex",
     "SearchResult",
     "model_fingerprint",

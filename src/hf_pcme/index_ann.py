@@ -1,0 +1,269 @@
+"""Approximate search back ends of :class:`~hf_pcme.index.CrossModalIndex`: FAISS IVF-Flat, IVF-PQ, HNSW.
+
+Each one searches the same inner-product vectors as the exact search (``hf_pcme.scoring``: for
+CSD, items ``[2 mu, -c]``, queries ``[mu, 1]``, ``q . k - c_q = -CSD`` exactly), so what it
+approximates is exact CSD (or cosine) search, not some other score. A query asks the FAISS index
+for ``k' = candidate_factor * k`` candidate items, re-scores them exactly (the full float32 item
+vectors, ``score = q . k - offset``: the index's real score, with the best of K x K' pairs for
+several embeddings per item) and returns the best ``k``. So scores are always exact; only the
+*set* of candidates is approximate, and ``recall@k`` against exact search is what the options buy.
+
+``faiss_index_type``:
+
+- ``"ivf"`` (IVF-Flat): k-means puts the items in ``nlist`` cells; a query scans the ``nprobe``
+  cells whose centroids score best. Stores the full vectors (re-scoring reads them back).
+- ``"ivf_pq"`` (IVF-PQ): the same cells, but each vector is a product-quantised code of
+  ``pq_m`` bytes (``pq_bits`` bits per sub-quantiser; ``pq_m`` must divide D). CSD's extra
+  coordinate gets a sub-quantiser of its own (the vectors are zero-padded by D / pq_m columns,
+  which changes no inner product), so codes have ``pq_m + 1`` sub-quantisers. The codes are lossy:
+  the exact vectors are kept next to them for re-scoring (and saved as ``mean``).
+- ``"hnsw"`` (HNSW-Flat): a graph with ``hnsw_m`` links per node, built with
+  ``ef_construction`` and searched with a beam of ``ef_search`` (at least ``k'``). No training.
+
+Choosing the options (recall is against exact search; the benchmark
+``benchmarks/bench_index_ann.py`` prints recall and speed for each):
+
+- ``nlist`` about ``sqrt(N)`` to ``4 sqrt(N)`` cells (default ``4 sqrt(N)``). More cells = fewer
+  items per probed cell (faster) but more cells needed for the same recall; k-means on 1M x 1025
+  vectors costs minutes, so ``train_points_per_cell`` bounds its sample.
+- ``nprobe``: start at ``nlist / 64`` and double until the recall is enough; ``nprobe = nlist``
+  scans everything (exact, slower than the flat index). Settable after loading (``index.nprobe``).
+- ``ef_search``: at least ``candidate_factor * k``; double it until the recall is enough.
+  ``hnsw_m`` 16-64 (memory ``4 hnsw_m`` bytes per item on top of the vectors). Settable after
+  loading (``index.ef_search``). Building is the slow part (single inserts, no BLAS).
+- ``candidate_factor`` 2-8: more candidates lift the recall of lossy PQ codes; for IVF-Flat and
+  HNSW (exact distances already) it mainly widens the search.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+
+from .index_backends import IVF_TRAIN_POINTS_PER_CELL, QUERY_CHUNK_ROWS, SearchBackend, TorchBackend, require_faiss
+
+#: The approximate FAISS index types (``"flat"`` is the exact one, in ``index_backends``).
+APPROXIMATE_INDEX_TYPES = ("ivf", "ivf_pq", "hnsw")
+
+
+@dataclass(frozen=True)
+class AnnOptions:
+    """Options of the approximate index types (``nlist`` / ``nprobe`` are arguments of the index).
+
+    Args:
+        candidate_factor: candidates re-scored exactly per result, ``k' = candidate_factor * k``.
+        pq_m: IVF-PQ sub-quantisers over the D embedding dims (must divide D; default: 8-dim
+            sub-vectors, or the largest divisor of D below D / 8).
+        pq_bits: bits per IVF-PQ sub-quantiser code (1-16; 8 = one byte).
+        hnsw_m: HNSW links per node.
+        ef_construction: HNSW beam width while building.
+        ef_search: HNSW beam width while searching (raised to ``k'`` when smaller).
+        train_points_per_cell: IVF k-means sample per cell (FAISS wants at least 39).
+    """
+
+    candidate_factor: int = 4
+    pq_m: int | None = None
+    pq_bits: int = 8
+    hnsw_m: int = 32
+    ef_construction: int = 40
+    ef_search: int = 64
+    train_points_per_cell: int = IVF_TRAIN_POINTS_PER_CELL
+
+    def __post_init__(self) -> None:
+        for name, low in (("candidate_factor", 1), ("hnsw_m", 2), ("ef_construction", 1), ("ef_search", 1)):
+            _check_int(getattr(self, name), name, low)
+        _check_int(self.train_points_per_cell, "train_points_per_cell", 1)
+        _check_int(self.pq_bits, "pq_bits", 1)
+        if self.pq_bits > 16:
+            raise ValueError(f"pq_bits must be between 1 and 16 (bits per sub-quantiser code), got {self.pq_bits}.")
+        if self.pq_m is not None:
+            _check_int(self.pq_m, "pq_m", 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> "AnnOptions":
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in (values or {}).items() if key in known})
+
+    def resolved_pq_m(self, embed_dim: int) -> int:
+        """``pq_m``, or its default for ``embed_dim``; a ``ValueError`` names ``pq_m`` if it does not divide D."""
+        if self.pq_m is None:
+            return next(m for m in range(max(1, embed_dim // 8), 0, -1) if embed_dim % m == 0)
+        if embed_dim % self.pq_m:
+            raise ValueError(
+                f"pq_m={self.pq_m} does not divide the embedding size D={embed_dim}: IVF-PQ splits each vector "
+                f"into pq_m equal sub-vectors. Use a divisor of {embed_dim}."
+            )
+        return self.pq_m
+
+
+def _check_int(value: Any, name: str, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
+
+
+def default_nlist(num_rows: int) -> int:
+    """``4 sqrt(N)`` cells (at most one per vector)."""
+    return max(1, min(num_rows, int(4 * math.sqrt(num_rows))))
+
+
+def check_nlist(nlist: int | None, num_rows: int) -> int:
+    """``nlist`` (default :func:`default_nlist`), or a ``ValueError`` naming it if it is out of range."""
+    if nlist is None:
+        return default_nlist(num_rows)
+    _check_int(nlist, "nlist", 1)
+    if nlist > num_rows:
+        raise ValueError(f"nlist={nlist} is larger than the number of vectors ({num_rows}): use a smaller nlist.")
+    return nlist
+
+
+def create_faiss_index(
+    index_type: str, dim: int, embed_dim: int, nlist: int | None, options: AnnOptions, num_rows: int
+) -> tuple[Any, int | None]:
+    """An empty (untrained) FAISS inner-product index of ``dim``-d vectors, and its ``nlist``."""
+    faiss = require_faiss()
+    ip = faiss.METRIC_INNER_PRODUCT
+    if index_type == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, options.hnsw_m, ip)
+        index.hnsw.efConstruction = options.ef_construction
+        return index, None
+    nlist = check_nlist(nlist, num_rows)
+    if index_type == "ivf":
+        return faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, ip), nlist
+    pq_m = options.resolved_pq_m(embed_dim)
+    if 2**options.pq_bits > num_rows:
+        raise ValueError(
+            f"pq_bits={options.pq_bits} means {2 ** options.pq_bits} centroids per sub-quantiser, more than the "
+            f"{num_rows} vectors to train them on: use pq_bits <= {int(math.log2(num_rows))}."
+        )
+    sub_dim = embed_dim // pq_m
+    padded = math.ceil(dim / sub_dim) * sub_dim  # CSD's extra coordinate gets a sub-quantiser of its own
+    ivf_pq = faiss.IndexIVFPQ(faiss.IndexFlatIP(padded), padded, nlist, padded // sub_dim, options.pq_bits, ip)
+    if padded == dim:
+        return ivf_pq, nlist
+    # faiss's Python wrapper keeps the transform and the IVF-PQ index alive as long as this one.
+    return faiss.IndexPreTransform(faiss.RemapDimensionsTransform(dim, padded, False), ivf_pq), nlist
+
+
+class ApproximateBackend(SearchBackend):
+    """A FAISS approximate index for candidates + exact re-scoring (see the module docstring).
+
+    ``exact``: a :class:`TorchBackend` of the exact vectors when the FAISS codes are lossy
+    (IVF-PQ); ``None`` when FAISS stores the vectors themselves (IVF-Flat, HNSW-Flat).
+    """
+
+    name = "faiss"
+
+    def __init__(
+        self, faiss_index: Any, num_embeds: int, index_type: str, options: AnnOptions, exact: TorchBackend | None
+    ) -> None:
+        self.faiss_index = faiss_index
+        self.num_embeds = num_embeds
+        self.index_type = index_type
+        self.options = options
+        self.exact = exact
+        if index_type == "ivf":
+            require_faiss().extract_index_ivf(faiss_index).make_direct_map()  # reconstruct by position
+
+    num_items = property(lambda self: self.faiss_index.ntotal // self.num_embeds)
+    dim = property(lambda self: self.faiss_index.d)
+
+    def set_nprobe(self, nprobe: int) -> None:
+        """Cells an IVF index scans per query (no effect on HNSW)."""
+        if self.index_type != "hnsw":
+            require_faiss().extract_index_ivf(self.faiss_index).nprobe = nprobe
+
+    def set_ef_search(self, ef_search: int) -> None:
+        """The HNSW search beam (no effect on IVF)."""
+        if self.index_type == "hnsw":
+            require_faiss().downcast_index(self.faiss_index).hnsw.efSearch = ef_search
+
+    def add(self, vectors: torch.Tensor) -> None:
+        self.faiss_index.add(vectors.reshape(-1, self.dim).contiguous().numpy())
+        if self.exact is not None:
+            self.exact.add(vectors)
+
+    def nbytes(self) -> int:
+        if self.exact is None:
+            return super().nbytes()
+        codes = require_faiss().extract_index_ivf(self.faiss_index).code_size * self.faiss_index.ntotal
+        return codes + self.exact.nbytes()
+
+    def reconstruct(self, indices: torch.Tensor) -> torch.Tensor:
+        if self.exact is not None:
+            return self.exact.reconstruct(indices)
+        rows = (indices.unsqueeze(1) * self.num_embeds + torch.arange(self.num_embeds)).reshape(-1)
+        vectors = torch.from_numpy(self.faiss_index.reconstruct_batch(rows.numpy()))
+        return vectors.view(indices.shape[0], self.num_embeds, -1)
+
+    def reconstruct_all(self) -> torch.Tensor:
+        """Every stored exact vector, ``(N, K, D')``."""
+        return self.reconstruct(torch.arange(self.num_items))
+
+    def write(self, path: Any) -> None:
+        """``faiss.write_index`` of the FAISS index (nothing pickled; IVF-PQ's exact vectors are saved apart)."""
+        require_faiss().write_index(self.faiss_index, str(path))
+
+    def search(self, query_vectors: torch.Tensor, offsets: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        query_vectors, offsets = query_vectors.float().cpu(), offsets.float().cpu()
+        results = [self._search_block(query_vectors[rows], offsets[rows], k) for rows in _row_slices(query_vectors)]
+        return torch.cat([r[0] for r in results]), torch.cat([r[1] for r in results])
+
+    def _search_block(self, queries: torch.Tensor, offsets: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        num_queries, query_embeds, dim = queries.shape
+        num_candidates = min(self.options.candidate_factor * k, self.num_items)
+        if self.index_type == "hnsw":  # the beam must hold every candidate row
+            self.set_ef_search(max(self.options.ef_search, num_candidates * self.num_embeds))
+        _, rows = self.faiss_index.search(queries.reshape(-1, dim).contiguous().numpy(), num_candidates * self.num_embeds)
+        rows = torch.from_numpy(rows).view(num_queries, -1)
+        items = _unique_items(rows, self.num_embeds)
+        vectors = self.reconstruct(items.clamp(min=0).reshape(-1)).view(num_queries, items.shape[1], self.num_embeds, dim)
+        # Exact re-scoring: score = q . k - offset, the best of each item's K x K' pairs.
+        scores = torch.einsum("qad,qcbd->qcab", queries, vectors) - offsets[:, None, :, None]
+        scores = scores.amax(dim=(2, 3)).masked_fill(items < 0, -math.inf)
+        top = min(k, scores.shape[1])
+        best, order = scores.topk(top, dim=1)
+        found = items.gather(1, order).masked_fill(best == -math.inf, -1)
+        if top < k:  # fewer candidates than asked (a tiny index): pad as FAISS does
+            best = torch.cat([best, best.new_full((num_queries, k - top), -math.inf)], dim=1)
+            found = torch.cat([found, found.new_full((num_queries, k - top), -1)], dim=1)
+        return best, found
+
+
+def _row_slices(query_vectors: torch.Tensor) -> list[slice]:
+    return [slice(s, s + QUERY_CHUNK_ROWS) for s in range(0, query_vectors.shape[0], QUERY_CHUNK_ROWS)]
+
+
+def _unique_items(rows: torch.Tensor, num_embeds: int) -> torch.Tensor:
+    """FAISS rows ``(Q, R)`` -> item indices ``(Q, R)``, each item once per query, -1 elsewhere."""
+    items = torch.where(rows >= 0, rows // num_embeds, torch.full_like(rows, -1))
+    if num_embeds == 1:
+        return items
+    items = items.sort(dim=1).values
+    repeated = torch.zeros_like(items, dtype=torch.bool)
+    repeated[:, 1:] = items[:, 1:] == items[:, :-1]
+    return items.masked_fill(repeated, -1)
+
+
+def train_faiss_index(index: Any, train_vectors: torch.Tensor) -> None:
+    """Train an IVF index (k-means cells, PQ codebooks) on ``(n, K, D')`` sample vectors; HNSW needs none."""
+    if not index.is_trained:
+        index.train(train_vectors.reshape(-1, train_vectors.shape[-1]).contiguous().numpy())
+
+
+def train_sample_size(index_type: str, nlist: int | None, options: AnnOptions, num_items: int, num_embeds: int) -> int:
+    """Items in the k-means sample: ``train_points_per_cell`` per cell, and enough for the PQ codebooks."""
+    if index_type == "hnsw":
+        return 0
+    points = options.train_points_per_cell * nlist
+    if index_type == "ivf_pq":
+        points = max(points, 64 * 2**options.pq_bits)
+    return min(num_items, max(points // num_embeds, 1))
+
+
+__all__ = ["APPROXIMATE_INDEX_TYPES", "AnnOptions", "ApproximateBackend", "check_nlist", "create_faiss_index"]
