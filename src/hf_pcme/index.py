@@ -55,7 +55,7 @@ from .index_backends import (  # noqa: F401  (QUERY_CHUNK_ROWS, SCORE_BLOCK_ELEM
     faiss,
     require_faiss,
 )
-from .index_build import FAISS_INDEX_TYPES, build_search_backend, read_faiss_backend
+from .index_build import FAISS_INDEX_TYPES, build_faiss_backend, build_search_backend, read_faiss_backend
 from .index_io import CONFIG_NAME, EMBEDDINGS_NAME, FAISS_NAME, FORMAT_VERSION, IDS_NAME  # noqa: F401
 from .index_io import read_index_files, write_index_files
 from .outputs import ProbabilisticEmbedding
@@ -354,6 +354,34 @@ class CrossModalIndex:
             **index_options,
         )
 
+    def with_faiss_index(
+        self,
+        faiss_index_type: str,
+        *,
+        nlist: int | None = None,
+        nprobe: int = 16,
+        ann_options: AnnOptions | None = None,
+    ) -> "CrossModalIndex":
+        """The same items (ids, payloads) in a FAISS index of ``faiss_index_type`` (see :meth:`from_embeddings`).
+
+        Built block by block from this index's stored search vectors, without a copy of the means;
+        an IVF-PQ index made from a torch index shares its exact vectors for re-scoring.
+        """
+        check_choice(faiss_index_type, FAISS_INDEX_TYPES, "faiss_index_type")
+        require_faiss()
+        shape = (self.num_items, self.num_embeds, self.search_dim)
+        exact = self._searcher.vectors if isinstance(self._searcher, TorchBackend) else None
+        searcher, nlist = build_faiss_backend(
+            lambda rows: self._searcher.reconstruct(_as_index_tensor(rows, self.num_items)).cpu(), shape,
+            self.embed_dim, faiss_index_type, nlist, nprobe, ann_options or AnnOptions(), BUILD_CHUNK_ROWS,
+            exact_vectors=exact.cpu() if exact is not None else None,
+        )  # fmt: skip
+        return type(self)(
+            searcher=searcher, embed_dim=self.embed_dim, log_sigma2=self.log_sigma2, attention=self.attention,
+            ids=self.ids, texts=self.texts, modality=self.modality, metric=self.metric,
+            faiss_index_type=faiss_index_type, nlist=nlist, nprobe=nprobe, model_fingerprint=self.model_fingerprint,
+        )  # fmt: skip
+
     # ------------------------------------------------------------------ properties
     def __len__(self) -> int:
         return self.num_items
@@ -565,6 +593,10 @@ def _check_payload(
             raise ValueError(f"attention must be (N, K, L) with N = {num_items}, got {tuple(attention.shape)}.")
         attention = attention.detach().float().cpu()
     return log_sigma2, attention, ids, texts
+
+
+def _as_index_tensor(rows: slice | torch.Tensor, num_items: int) -> torch.Tensor:
+    return torch.arange(num_items)[rows] if isinstance(rows, slice) else rows
 
 
 def _check_ids(ids: Sequence[Any] | None, num_items: int) -> list:

@@ -20,7 +20,6 @@ from .index_ann import (
     AnnOptions,
     ApproximateBackend,
     create_faiss_index,
-    train_faiss_index,
     train_sample_size,
 )
 from .index_backends import FaissBackend, SearchBackend, TorchBackend, require_faiss
@@ -86,11 +85,11 @@ def build_faiss_backend(
     else:
         num_rows = num_items * num_embeds
         faiss_index, nlist = create_faiss_index(index_type, dim, embed_dim, nlist, options, num_rows)
+        searcher = ApproximateBackend(faiss_index, num_embeds, index_type, options, None, dim - embed_dim)
         sample_items = train_sample_size(index_type, nlist, options, num_items, num_embeds)
         if sample_items:  # k-means and PQ codebooks on a fixed random subset: fast and reproducible
             sample = torch.randperm(num_items, generator=torch.Generator().manual_seed(0))[:sample_items]
-            train_faiss_index(faiss_index, block(sample.sort().values))
-        searcher = ApproximateBackend(faiss_index, num_embeds, index_type, options, exact=None)
+            searcher.train(block(sample.sort().values))
         searcher.set_nprobe(nprobe)
         searcher.set_ef_search(options.ef_search)
         if index_type == "ivf_pq" and exact_vectors is None:  # lossy codes: keep the exact vectors
@@ -129,7 +128,8 @@ def read_faiss_backend(
         if exact_mean is None:
             raise ValueError(f"An IVF-PQ index needs the exact means next to {path.name} (embeddings.safetensors).")
         exact = TorchBackend(SCORES[metric]().item_vectors(exact_mean, log_sigma2))
-    searcher = ApproximateBackend(index, num_embeds, index_type, AnnOptions.from_dict(config.get("ann")), exact)
+    options = AnnOptions.from_dict(config.get("ann"))
+    searcher = ApproximateBackend(index, num_embeds, index_type, options, exact, SCORES[metric].extra_dims)
     searcher.set_nprobe(config["nprobe"])
     searcher.set_ef_search(searcher.options.ef_search)
     return searcher
