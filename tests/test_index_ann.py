@@ -183,3 +183,48 @@ def test_bad_ann_options_name_the_option(options, message):
     if name in ("ef_search", "candidate_factor"):
         with pytest.raises(ValueError, match=message):
             setattr(index, name, options[name])
+
+
+@pytest.mark.parametrize("index_type", APPROXIMATE)
+@pytest.mark.parametrize("metric", ["cosine", "csd"])
+def test_stored_means_come_back_from_the_approximate_index(index_type, metric):
+    item_mean, item_log_sigma2 = random_gaussians(64, 8, seed=10)
+    index = CrossModalIndex.from_embeddings(
+        item_mean, item_log_sigma2, metric=metric, backend="faiss", faiss_index_type=index_type, nlist=4,
+        ann_options=AnnOptions(pq_bits=4),
+    )  # fmt: skip
+    picked = index.item_embeddings(torch.tensor([5, 0, 63]))
+    torch.testing.assert_close(picked.mean, item_mean[[5, 0, 63]])  # unit means: cosine keeps them too
+    torch.testing.assert_close(picked.log_sigma2, item_log_sigma2[[5, 0, 63]])
+
+
+def test_ivf_index_saved_before_the_approximate_types_loads_and_searches_as_before(tmp_path):
+    """An ``"ivf"`` index saved by the earlier code: FAISS inner-product IVF over the CSD item vectors, no ``ann``."""
+    from safetensors.torch import save_file
+
+    from hf_pcme.index import item_search_vectors
+
+    item_mean, item_log_sigma2 = random_gaussians(120, 8, seed=11)
+    query_mean, query_log_sigma2 = random_gaussians(4, 8, seed=12)
+    vectors = item_search_vectors(item_mean, item_log_sigma2, "csd").reshape(120, 9).numpy()
+    old = faiss.IndexIVFFlat(faiss.IndexFlatIP(9), 9, 6, faiss.METRIC_INNER_PRODUCT)
+    old.train(vectors)
+    old.make_direct_map()
+    old.add(vectors)
+    directory = tmp_path / "old_ivf"
+    directory.mkdir()
+    faiss.write_index(old, str(directory / "index.faiss"))
+    save_file({"log_sigma2": item_log_sigma2.contiguous()}, str(directory / "embeddings.safetensors"))
+    config = {
+        "format_version": 1, "num_items": 120, "embed_dim": 8, "num_embeds": 1, "modality": "text", "metric": "csd",
+        "backend": "faiss", "faiss_index_type": "ivf", "nlist": 6, "nprobe": 6, "model_fingerprint": None,
+    }  # fmt: skip
+    (directory / "index_config.json").write_text(json.dumps(config))
+    (directory / "ids.json").write_text(json.dumps({"ids": list(range(120)), "texts": None}))
+
+    loaded = CrossModalIndex.load(directory)
+    result = loaded.search(query_mean, query_log_sigma2, top_k=5)
+    expected = brute_force_csd(query_mean, query_log_sigma2, item_mean, item_log_sigma2).topk(5, largest=False)
+    assert torch.equal(result.indices, expected.indices)
+    torch.testing.assert_close(result.distances.double(), expected.values, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loaded.mean, item_mean)

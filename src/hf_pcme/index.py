@@ -1,4 +1,4 @@
-"""A searchable corpus of embeddings for cross-modal retrieval, with two interchangeable back ends.
+"""A searchable corpus of embeddings for cross-modal retrieval: exact or approximate, torch or FAISS.
 
 :class:`CrossModalIndex` holds the embeddings of a corpus (captions or images) and returns, for a
 batch of queries, the ``top_k`` items by one of two metrics:
@@ -8,103 +8,51 @@ batch of queries, the ``top_k`` items by one of two metrics:
 - ``"csd"``: PCME++'s closed-form sampled distance (Chun, ICLR 2024), smaller = better,
   ``d(v, t) = ||mu_v - mu_t||^2 + sum sigma_v^2 + sum sigma_t^2`` (a point embedding has sigma = 0).
 
-Both reduce to one maximum-inner-product search. For CSD, with query ``q = [mu_v, 1]`` and item
-``k = [2 mu_t, -(|mu_t|^2 + sum sigma_t^2)]``,
+Both reduce to one maximum-inner-product search (``hf_pcme.scoring``; docs/formulas.md, "CSD as
+an inner product"): query ``q = [mu_v, 1]``, item ``k = [2 mu_t, -(|mu_t|^2 + sum sigma_t^2)]``,
+``q . k - c(v) = -d(v, t)`` exactly. The same vectors serve every back end:
 
-    q . k = -d(v, t) + c(v),    c(v) = |mu_v|^2 + sum sigma_v^2,
+- ``backend="torch"`` (``index_backends``): exact, chunked matrix products, any device;
+- ``backend="faiss"``, ``faiss_index_type="flat"`` (``index_backends``): exact, FAISS ``IndexFlatIP``;
+- ``faiss_index_type="ivf"`` / ``"ivf_pq"`` / ``"hnsw"`` (``index_ann``): approximate candidates,
+  re-scored exactly; options and how to choose them in ``index_options``.
 
-and ``c(v)`` does not depend on the item, so ranking by ``q . k`` is ranking by ``-d`` *exactly*,
-and subtracting ``c(v)`` gives ``-d`` itself. The same augmented vectors serve the exact chunked
-torch search (one matrix product per chunk, no per-query pass over the item variances) and a
-FAISS inner-product index (flat: exact; IVF: approximate).
-
-Back ends (``hf_pcme.index_backends``, one interface: ``add`` / ``search`` / ``reconstruct``):
-``"torch"`` (exact; on any device; memory flat in the corpus size thanks to chunking) and
-``"faiss"`` (``pip install hf_pcme[faiss]``). The index itself keeps ids, payloads and persistence;
-the search vectors come from ``hf_pcme.scoring``, corpus encoding from ``hf_pcme.encoding``.
-On disk: ``index_config.json`` (metric, sizes, model fingerprint), ``ids.json`` (ids and texts),
-``embeddings.safetensors`` (means, log variances, attention maps) and, for FAISS, ``index.faiss``
-written by ``faiss.write_index`` (then the means are not stored twice). Nothing is pickled.
-
-An index is immutable once built: a retriever swaps whole indexes (``set_index``), so a query
-always sees one consistent index.
+Modules: building back ends ``index_build``, files ``index_io`` (JSON + safetensors +
+``faiss.write_index``; nothing pickled), payload checks ``index_payload``, model identity
+``index_identity``, corpus encoding ``encoding``. An index is immutable once built (only its
+search options can change): a retriever swaps whole indexes (``set_index``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .distances import iter_row_chunks
 from .encoding import encode_batch, encode_corpus, infer_modality, load_images  # noqa: F401  (re-exported)
-from .heads import MULTI_EMBEDDING_HEADS
-from .index_ann import AnnOptions, ApproximateBackend
-from .index_backends import (  # noqa: F401  (QUERY_CHUNK_ROWS, SCORE_BLOCK_ELEMENTS, faiss: re-exported)
-    IVF_TRAIN_POINTS_PER_CELL,
-    QUERY_CHUNK_ROWS,
-    SCORE_BLOCK_ELEMENTS,
-    FaissBackend,
-    SearchBackend,
-    TorchBackend,
-    faiss,
-    require_faiss,
-)
-from .index_build import FAISS_INDEX_TYPES, build_faiss_backend, build_search_backend, read_faiss_backend
+from .index_identity import check_compatible, default_metric, model_fingerprint
+from .index_options import AnnOptions, ApproximateSearchSettings
+from .index_backends import QUERY_CHUNK_ROWS, SCORE_BLOCK_ELEMENTS, faiss  # noqa: F401  (re-exported)
+from .index_backends import FaissBackend, SearchBackend, TorchBackend, require_faiss
+from .index_build import FAISS_INDEX_TYPES, build_search_backend, rebuild_as_faiss
 from .index_io import CONFIG_NAME, EMBEDDINGS_NAME, FAISS_NAME, FORMAT_VERSION, IDS_NAME  # noqa: F401
-from .index_io import read_index_files, write_index_files
+from .index_io import load_index, save_index
+from .index_payload import MODALITIES, check_payload, check_query, item_uncertainty
 from .outputs import ProbabilisticEmbedding
 from .registry import check_choice
-from .scoring import SCORES, SEARCH_SCORES, default_search_score
+from .scoring import SCORES, SEARCH_SCORES
 from .scoring import item_search_vectors, query_search_vectors  # noqa: F401  (old public names)
 
 #: The scores an index searches exactly (``hf_pcme.scoring.SEARCH_SCORES``).
 METRICS = SEARCH_SCORES
 BACKENDS = ("torch", "faiss")
-MODALITIES = ("text", "image")
 
 #: Items turned into search vectors at once while building (bounds the temporaries).
 BUILD_CHUNK_ROWS = 65536
-
-
-# ---------------------------------------------------------------------------- model identity
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """A short string that identifies which model produced an index's embeddings.
-
-    ``"<head_type>-K<num_embeds>-D<embed_dim>-<sha256 of the projection heads>"``: the config's
-    head type, K and D, plus a hash of the names, shapes and float32 values of the parameters
-    of the two projection heads (``image_head``, ``text_head``; all parameters for a model
-    without them). Two models give the same fingerprint iff their heads are identical, which is
-    what decides whether stored embeddings and fresh query embeddings live in the same space.
-    """
-    config = getattr(model, "config", None)
-    head_type = getattr(config, "head_type", "unknown")
-    num_embeds = getattr(config, "num_embeds", 1) if head_type in MULTI_EMBEDDING_HEADS else 1
-    embed_dim = getattr(config, "embed_dim", "unknown")
-    heads = [getattr(model, name) for name in ("image_head", "text_head") if hasattr(model, name)]
-    named = [
-        (f"{i}.{name}", param) for i, head in enumerate(heads or [model]) for name, param in head.named_parameters()
-    ]
-    digest = hashlib.sha256()
-    for name, param in named:
-        digest.update(f"{name}:{tuple(param.shape)};".encode())
-        digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
-    return f"{head_type}-K{num_embeds}-D{embed_dim}-{digest.hexdigest()[:16]}"
-
-
-def default_metric(model: torch.nn.Module) -> str:
-    """The search score that matches how a model was trained: ``hf_pcme.scoring.default_search_score``.
-
-    ``"csd"`` for probabilistic heads trained with the closed-form distance (PCME++,
-    ``match_function="csd"``), ``"cosine"`` otherwise (PCME ranks by the inner product of the
-    sample means, VSE++ / InfoNCE / PVSE by the cosine).
-    """
-    return default_search_score(getattr(model, "config", None))
 
 
 def _means_from_search_vectors(vectors: torch.Tensor, metric: str) -> torch.Tensor:
@@ -129,7 +77,7 @@ class SearchResult:
 
 
 # ---------------------------------------------------------------------------- the index
-class CrossModalIndex:
+class CrossModalIndex(ApproximateSearchSettings):
     """An immutable, searchable corpus of (probabilistic) embeddings.
 
     Build one with :meth:`from_embeddings` (tensors you already have), :meth:`build` (a model,
@@ -186,7 +134,7 @@ class CrossModalIndex:
         self.ann_options = getattr(searcher, "options", None) or ann_options or AnnOptions()
         self.nprobe = nprobe
         self.model_fingerprint = model_fingerprint
-        self.uncertainty = _uncertainty(log_sigma2)
+        self.uncertainty = item_uncertainty(log_sigma2, BUILD_CHUNK_ROWS)
 
     @property
     def chunk_size(self) -> int | None:
@@ -196,45 +144,6 @@ class CrossModalIndex:
     @property
     def _faiss_index(self) -> Any:
         return getattr(self._searcher, "faiss_index", None)
-
-    # ------------------------------------------------------------------ approximate search options
-    @property
-    def nprobe(self) -> int:
-        """IVF cells scanned per query (``"ivf"`` / ``"ivf_pq"``); ``nprobe >= nlist`` scans them all."""
-        return self._nprobe
-
-    @nprobe.setter
-    def nprobe(self, value: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"nprobe must be >= 1, got {value!r}.")
-        self._nprobe = value
-        if isinstance(self._searcher, ApproximateBackend):
-            self._searcher.set_nprobe(value)
-
-    @property
-    def ef_search(self) -> int:
-        """HNSW search beam (``"hnsw"``; at least ``candidate_factor * top_k`` is used)."""
-        return self.ann_options.ef_search
-
-    @ef_search.setter
-    def ef_search(self, value: int) -> None:
-        self._set_ann_option(ef_search=value)
-        if isinstance(self._searcher, ApproximateBackend):
-            self._searcher.set_ef_search(value)
-
-    @property
-    def candidate_factor(self) -> int:
-        """Candidates re-scored exactly per result by the approximate types (``k' = candidate_factor * k``)."""
-        return self.ann_options.candidate_factor
-
-    @candidate_factor.setter
-    def candidate_factor(self, value: int) -> None:
-        self._set_ann_option(candidate_factor=value)
-
-    def _set_ann_option(self, **values: int) -> None:
-        self.ann_options = replace(self.ann_options, **values)  # validates, naming the option
-        if isinstance(self._searcher, ApproximateBackend):
-            self._searcher.options = self.ann_options
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -279,7 +188,7 @@ class CrossModalIndex:
         check_choice(metric, METRICS, "metric")
         check_choice(backend, BACKENDS, "backend")
         check_choice(faiss_index_type, FAISS_INDEX_TYPES, "faiss_index_type")
-        log_sigma2, attention, ids, texts = _check_payload(mean, log_sigma2, attention, ids, texts, modality)
+        log_sigma2, attention, ids, texts = check_payload(mean, log_sigma2, attention, ids, texts, modality)
         if backend == "faiss":
             require_faiss()
         if nprobe < 1:
@@ -368,14 +277,9 @@ class CrossModalIndex:
         an IVF-PQ index made from a torch index shares its exact vectors for re-scoring.
         """
         check_choice(faiss_index_type, FAISS_INDEX_TYPES, "faiss_index_type")
-        require_faiss()
-        shape = (self.num_items, self.num_embeds, self.search_dim)
-        exact = self._searcher.vectors if isinstance(self._searcher, TorchBackend) else None
-        searcher, nlist = build_faiss_backend(
-            lambda rows: self._searcher.reconstruct(_as_index_tensor(rows, self.num_items)).cpu(), shape,
-            self.embed_dim, faiss_index_type, nlist, nprobe, ann_options or AnnOptions(), BUILD_CHUNK_ROWS,
-            exact_vectors=exact.cpu() if exact is not None else None,
-        )  # fmt: skip
+        searcher, nlist = rebuild_as_faiss(
+            self._searcher, self.embed_dim, faiss_index_type, nlist, nprobe, ann_options or AnnOptions(), BUILD_CHUNK_ROWS
+        )
         return type(self)(
             searcher=searcher, embed_dim=self.embed_dim, log_sigma2=self.log_sigma2, attention=self.attention,
             ids=self.ids, texts=self.texts, modality=self.modality, metric=self.metric,
@@ -427,18 +331,7 @@ class CrossModalIndex:
 
         A ``None`` argument (or an index without a fingerprint) is not checked.
         """
-        if embed_dim is not None and int(embed_dim) != self.embed_dim:
-            raise ValueError(
-                f"The index holds {self.embed_dim}-d embeddings but the model makes {embed_dim}-d ones: "
-                "rebuild the index with this model (CrossModalIndex.build)."
-            )
-        if model_fingerprint is not None and self.model_fingerprint is not None:
-            if model_fingerprint != self.model_fingerprint:
-                raise ValueError(
-                    f"The index was built by a different model (fingerprint {self.model_fingerprint!r}, this model: "
-                    f"{model_fingerprint!r}); its embeddings are not comparable with this model's queries. "
-                    "Rebuild the index with this model (CrossModalIndex.build)."
-                )
+        check_compatible(self.model_fingerprint, self.embed_dim, model_fingerprint, embed_dim)
 
     def to(self, device: torch.device | str) -> "CrossModalIndex":
         """A copy of this index whose torch back end searches on ``device`` (FAISS indexes stay on the CPU)."""
@@ -463,7 +356,7 @@ class CrossModalIndex:
             :class:`SearchResult` on the CPU; for CSD, ``distances`` are exact CSDs (the approximate
             FAISS types re-score their candidates exactly).
         """
-        self._check_query(query_mean, query_log_sigma2, top_k)
+        check_query(query_mean, query_log_sigma2, top_k, self.num_items, self.embed_dim, self.metric, self.log_sigma2)
         device = self.device
         query_mean = query_mean.detach().to(device)
         if query_log_sigma2 is not None:
@@ -476,49 +369,10 @@ class CrossModalIndex:
         distances = -scores if self.metric == "csd" else None
         return SearchResult(scores=scores, indices=indices, distances=distances)
 
-    def _check_query(self, query_mean: torch.Tensor, query_log_sigma2: torch.Tensor | None, top_k: int) -> None:
-        if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
-            raise ValueError(f"top_k must be a positive integer, got {top_k!r}.")
-        if top_k > self.num_items:
-            raise ValueError(
-                f"top_k={top_k} is larger than the corpus ({self.num_items} items); ask for at most {self.num_items}."
-            )
-        if query_mean.dim() not in (2, 3) or query_mean.shape[-1] != self.embed_dim:
-            raise ValueError(
-                f"query_mean must be (Q, {self.embed_dim}) or (Q, K, {self.embed_dim}) to match the index, "
-                f"got {tuple(query_mean.shape)}: was the index built by another model?"
-            )
-        if query_log_sigma2 is not None and (query_mean.dim() != 2 or query_log_sigma2.shape != query_mean.shape):
-            raise ValueError(
-                f"query_log_sigma2 must have the shape of query_mean {tuple(query_mean.shape)}, "
-                f"got {tuple(query_log_sigma2.shape)}."
-            )
-        if self.metric == "csd" and (query_log_sigma2 is None) != (self.log_sigma2 is None):
-            which = "the index has variances but the queries do not" if query_log_sigma2 is None else (
-                "the queries have variances but the index does not"
-            )
-            raise ValueError(f"CSD needs variances on both sides or neither: {which}. Use one model for both.")
-
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | os.PathLike) -> Path:
         """Write the index to ``directory`` (created if needed); returns the directory (``hf_pcme.index_io``)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        if self.backend == "faiss":
-            self._searcher.write(directory / FAISS_NAME)
-        # FAISS flat, IVF-Flat and HNSW store the exact vectors; the torch tensor and IVF-PQ's codes do not.
-        keep_mean = self.backend == "torch" or getattr(self._searcher, "exact", None) is not None
-        config = {
-            "num_items": self.num_items, "embed_dim": self.embed_dim, "num_embeds": self.num_embeds,
-            "modality": self.modality, "metric": self.metric, "backend": self.backend,
-            "faiss_index_type": self.faiss_index_type, "nlist": self.nlist, "nprobe": self.nprobe,
-            "model_fingerprint": self.model_fingerprint,
-        }  # fmt: skip
-        if self.faiss_index_type != "flat":
-            config["ann"] = self.ann_options.to_dict()
-        tensors = {"mean": self.mean if keep_mean else None, "log_sigma2": self.log_sigma2, "attention": self.attention}
-        write_index_files(directory, config, self.ids, self.texts, tensors)
-        return directory
+        return save_index(self, Path(directory))
 
     @classmethod
     def load(
@@ -536,90 +390,7 @@ class CrossModalIndex:
         are then moved into the other one. ``device`` places the torch back end. ``nprobe`` and
         ``ef_search`` override the saved search options (they can also be set later).
         """
-        directory = Path(directory)
-        config, names, tensors = read_index_files(directory)
-        backend = backend or config["backend"]
-        check_choice(backend, BACKENDS, "backend")
-        log_sigma2 = tensors.get("log_sigma2")
-        log_sigma2 = log_sigma2.float() if log_sigma2 is not None else None
-        ann_options = AnnOptions.from_dict(config.get("ann"))
-        if ef_search is not None:
-            ann_options = replace(ann_options, ef_search=ef_search)
-        common = dict(
-            ids=names["ids"], texts=names["texts"], attention=tensors.get("attention"), modality=config["modality"],
-            metric=config["metric"], model_fingerprint=config["model_fingerprint"],
-            nprobe=nprobe if nprobe is not None else config["nprobe"],
-        )  # fmt: skip
-        mean = tensors.get("mean")
-        if config["backend"] == "faiss":
-            searcher = read_faiss_backend(directory / FAISS_NAME, {**config, "ann": ann_options.to_dict()}, mean, log_sigma2)
-            if backend == "faiss":
-                common["ids"] = _check_ids(common["ids"], config["num_items"])
-                return cls(searcher=searcher, embed_dim=config["embed_dim"], log_sigma2=log_sigma2,
-                           faiss_index_type=config["faiss_index_type"], nlist=config["nlist"], **common)  # fmt: skip
-            mean = _means_from_search_vectors(searcher.reconstruct_all(), config["metric"])
-            mean = mean.squeeze(1) if config["num_embeds"] == 1 else mean
-        return cls.from_embeddings(
-            mean, log_sigma2, backend=backend, faiss_index_type=config["faiss_index_type"], nlist=config["nlist"],
-            ann_options=ann_options, device=device, **common,
-        )  # fmt: skip
-
-
-def _check_payload(
-    mean: Any, log_sigma2: Any, attention: Any, ids: Any, texts: Any, modality: str
-) -> tuple[torch.Tensor | None, torch.Tensor | None, list, list[str] | None]:
-    """Validate what an index stores next to the means; returns log_sigma2, attention (float32, CPU), ids, texts."""
-    check_choice(modality, MODALITIES, "modality")
-    if not isinstance(mean, torch.Tensor):
-        raise TypeError(f"mean must be a torch.Tensor, got {type(mean).__name__}.")
-    if mean.dim() not in (2, 3):
-        raise ValueError(f"mean must be (N, D) or (N, K, D), got shape {tuple(mean.shape)}.")
-    num_items = mean.shape[0]
-    if num_items == 0:
-        raise ValueError("The corpus is empty: mean has 0 rows. Give at least one item to index.")
-    if log_sigma2 is not None:
-        if mean.dim() != 2 or log_sigma2.shape != mean.shape:
-            raise ValueError(
-                f"log_sigma2 must have the shape of mean (N, D) = {tuple(mean.shape)}, got {tuple(log_sigma2.shape)}."
-            )
-        log_sigma2 = log_sigma2.detach().float().cpu()
-    ids = _check_ids(ids, num_items)
-    if texts is not None:
-        texts = [str(t) for t in texts]
-        if len(texts) != num_items:
-            raise ValueError(f"texts must have one entry per item ({num_items}), got {len(texts)}.")
-    if attention is not None:
-        if attention.dim() != 3 or attention.shape[0] != num_items:
-            raise ValueError(f"attention must be (N, K, L) with N = {num_items}, got {tuple(attention.shape)}.")
-        attention = attention.detach().float().cpu()
-    return log_sigma2, attention, ids, texts
-
-
-def _as_index_tensor(rows: slice | torch.Tensor, num_items: int) -> torch.Tensor:
-    return torch.arange(num_items)[rows] if isinstance(rows, slice) else rows
-
-
-def _check_ids(ids: Sequence[Any] | None, num_items: int) -> list:
-    if ids is None:
-        return list(range(num_items))
-    ids = [str(i) if isinstance(i, Path) else i for i in ids]
-    if len(ids) != num_items:
-        raise ValueError(f"ids must have one entry per item ({num_items}), got {len(ids)}.")
-    for i in ids:
-        if isinstance(i, bool) or not isinstance(i, (str, int)):
-            raise ValueError(f"ids must be str or int (they are saved as JSON), got {type(i).__name__}: {i!r}.")
-    return ids
-
-
-def _uncertainty(log_sigma2: torch.Tensor | None) -> torch.Tensor | None:
-    """``ProbabilisticEmbedding.uncertainty`` (mean over D of sigma^2) per item, block by block."""
-    if log_sigma2 is None:
-        return None
-    blocks = [
-        ProbabilisticEmbedding(log_sigma2=log_sigma2[rows]).uncertainty
-        for rows in iter_row_chunks(log_sigma2.shape[0], BUILD_CHUNK_ROWS)
-    ]
-    return torch.cat(blocks)
+        return load_index(cls, Path(directory), backend=backend, device=device, nprobe=nprobe, ef_search=ef_search)
 
 
 __all__ = [

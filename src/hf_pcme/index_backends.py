@@ -35,8 +35,6 @@ except ImportError:  # pragma: no cover - exercised only where faiss is missing
 SCORE_BLOCK_ELEMENTS = 1 << 24
 #: Query rows scored at once by the torch search.
 QUERY_CHUNK_ROWS = 1024
-#: Training points per IVF cell for k-means (FAISS wants at least 39).
-IVF_TRAIN_POINTS_PER_CELL = 256
 
 
 def require_faiss() -> Any:

@@ -15,13 +15,8 @@ from typing import Any
 import torch
 
 from .distances import iter_row_chunks
-from .index_ann import (
-    APPROXIMATE_INDEX_TYPES,
-    AnnOptions,
-    ApproximateBackend,
-    create_faiss_index,
-    train_sample_size,
-)
+from .index_ann import ApproximateBackend, create_faiss_index
+from .index_options import APPROXIMATE_INDEX_TYPES, AnnOptions, train_sample_size
 from .index_backends import FaissBackend, SearchBackend, TorchBackend, require_faiss
 from .scoring import SCORES, Score, as_embedding_rows
 
@@ -105,6 +100,30 @@ def build_faiss_backend(
     return searcher, nlist
 
 
+def rebuild_as_faiss(
+    source: SearchBackend,
+    embed_dim: int,
+    index_type: str,
+    nlist: int | None,
+    nprobe: int,
+    options: AnnOptions,
+    block_rows: int = 65536,
+) -> tuple[SearchBackend, int | None]:
+    """A FAISS back end of the vectors another back end stores, read block by block (no copy of the means).
+
+    From a torch back end, IVF-PQ shares its exact vectors for re-scoring.
+    """
+    require_faiss()
+    shape = (source.num_items, source.num_embeds, source.dim)
+    exact = source.vectors.cpu() if isinstance(source, TorchBackend) else None
+
+    def block(rows: Any) -> torch.Tensor:
+        indices = torch.arange(source.num_items)[rows] if isinstance(rows, slice) else rows
+        return source.reconstruct(indices).cpu()
+
+    return build_faiss_backend(block, shape, embed_dim, index_type, nlist, nprobe, options, block_rows, exact)
+
+
 def read_faiss_backend(
     path: Path, config: dict, exact_mean: torch.Tensor | None, log_sigma2: torch.Tensor | None
 ) -> SearchBackend:
@@ -135,4 +154,4 @@ def read_faiss_backend(
     return searcher
 
 
-__all__ = ["FAISS_INDEX_TYPES", "build_faiss_backend", "build_search_backend", "read_faiss_backend"]
+__all__ = ["FAISS_INDEX_TYPES", "build_faiss_backend", "build_search_backend", "read_faiss_backend", "rebuild_as_faiss"]

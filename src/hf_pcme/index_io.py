@@ -13,11 +13,18 @@ Nothing is pickled.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from .index_build import read_faiss_backend
+from .index_options import AnnOptions
+from .index_payload import check_ids
+from .registry import check_choice
+from .scoring import SCORES
 
 CONFIG_NAME = "index_config.json"
 IDS_NAME = "ids.json"
@@ -55,4 +62,66 @@ def read_index_files(directory: Path) -> tuple[dict[str, Any], dict[str, Any], d
     return config, names, tensors
 
 
-__all__ = ["CONFIG_NAME", "EMBEDDINGS_NAME", "FAISS_NAME", "FORMAT_VERSION", "IDS_NAME", "read_index_files", "write_index_files"]
+def save_index(index: Any, directory: Path) -> Path:
+    """Write a :class:`~hf_pcme.index.CrossModalIndex` to ``directory`` (created if needed)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if index.backend == "faiss":
+        index._searcher.write(directory / FAISS_NAME)
+    # FAISS flat, IVF-Flat and HNSW store the exact vectors; the torch tensor and IVF-PQ's codes do not.
+    keep_mean = index.backend == "torch" or getattr(index._searcher, "exact", None) is not None
+    config = {
+        "num_items": index.num_items, "embed_dim": index.embed_dim, "num_embeds": index.num_embeds,
+        "modality": index.modality, "metric": index.metric, "backend": index.backend,
+        "faiss_index_type": index.faiss_index_type, "nlist": index.nlist, "nprobe": index.nprobe,
+        "model_fingerprint": index.model_fingerprint,
+    }  # fmt: skip
+    if index.faiss_index_type != "flat":
+        config["ann"] = index.ann_options.to_dict()
+    tensors = {"mean": index.mean if keep_mean else None, "log_sigma2": index.log_sigma2, "attention": index.attention}
+    write_index_files(directory, config, index.ids, index.texts, tensors)
+    return directory
+
+
+def load_index(
+    cls: type, directory: Path, *, backend: str | None, device: Any, nprobe: int | None, ef_search: int | None
+) -> Any:
+    """Read a :class:`~hf_pcme.index.CrossModalIndex` (``cls``) saved by :func:`save_index`, into ``backend``."""
+    config, names, tensors = read_index_files(directory)
+    backend = backend or config["backend"]
+    check_choice(backend, ("torch", "faiss"), "backend")
+    log_sigma2 = tensors.get("log_sigma2")
+    log_sigma2 = log_sigma2.float() if log_sigma2 is not None else None
+    ann_options = AnnOptions.from_dict(config.get("ann"))
+    if ef_search is not None:
+        ann_options = replace(ann_options, ef_search=ef_search)
+    common = dict(
+        ids=names["ids"], texts=names["texts"], attention=tensors.get("attention"), modality=config["modality"],
+        metric=config["metric"], model_fingerprint=config["model_fingerprint"],
+        nprobe=nprobe if nprobe is not None else config["nprobe"],
+    )  # fmt: skip
+    mean = tensors.get("mean")
+    if config["backend"] == "faiss":
+        searcher = read_faiss_backend(directory / FAISS_NAME, {**config, "ann": ann_options.to_dict()}, mean, log_sigma2)
+        if backend == "faiss":
+            common["ids"] = check_ids(common["ids"], config["num_items"])
+            return cls(searcher=searcher, embed_dim=config["embed_dim"], log_sigma2=log_sigma2,
+                       faiss_index_type=config["faiss_index_type"], nlist=config["nlist"], **common)  # fmt: skip
+        mean = SCORES[config["metric"]]().means_from_item_vectors(searcher.reconstruct_all())
+        mean = mean.squeeze(1) if config["num_embeds"] == 1 else mean
+    return cls.from_embeddings(
+        mean, log_sigma2, backend=backend, faiss_index_type=config["faiss_index_type"], nlist=config["nlist"],
+        ann_options=ann_options, device=device, **common,
+    )  # fmt: skip
+
+
+__all__ = [
+    "CONFIG_NAME",
+    "EMBEDDINGS_NAME",
+    "FAISS_NAME",
+    "FORMAT_VERSION",
+    "IDS_NAME",
+    "load_index",
+    "read_index_files",
+    "save_index",
+    "write_index_files",
+]
