@@ -23,7 +23,7 @@ sum sigma^2, so one value per item ranks exactly like any per-dimension profile 
 (and takes no memory: an expanded view). Queries (256) are fresh draws from the same model.
 These parameters were fixed before any measurement.
 
-Index options: ``nlist = sqrt(N)`` (k-means on 64 points per cell, a fixed random sample), IVF-PQ
+Index options: ``nlist = sqrt(N)`` (k-means on 64 points per cell, and per PQ codebook entry, a fixed random sample), IVF-PQ
 ``pq_m = 128`` (8-dim sub-vectors, 8 bits; codes of 129 bytes with CSD's extra coordinate), HNSW
 ``hnsw_m = 32``, ``ef_construction = 40``; ``candidate_factor = 4``. HNSW is built only up to
 ``--hnsw-max`` items (default 100k): its build is single inserts, measured at the smaller sizes.
@@ -81,11 +81,11 @@ def recall_at_k(found: torch.Tensor, exact: torch.Tensor) -> float:
     return hits / exact.numel()
 
 
-def settings(index_type: str, num_items: int, nlist: int) -> list[tuple[str, int]]:
+def settings(index_type: str, nlist: int, args: argparse.Namespace) -> list[tuple[str, int]]:
     """The search options swept for one index type: (attribute, value)."""
     if index_type == "hnsw":
-        return [("ef_search", v) for v in (40, 64, 128, 256)]
-    return [("nprobe", v) for v in (1, 2, 4, 8, 16, 32, 64) if v <= nlist]
+        return [("ef_search", v) for v in args.ef_search]
+    return [("nprobe", v) for v in args.nprobe if v <= nlist]
 
 
 def bench(num_items: int, data: str, args: argparse.Namespace) -> list[dict]:
@@ -106,14 +106,14 @@ def bench(num_items: int, data: str, args: argparse.Namespace) -> list[dict]:
     reference = run_exact()
     nlist = max(1, int(math.sqrt(num_items)))
     options = AnnOptions(pq_m=128, hnsw_m=32, ef_construction=40, candidate_factor=4, train_points_per_cell=64)
-    for index_type in ("ivf", "ivf_pq", "hnsw"):
+    for index_type in args.types:
         if index_type == "hnsw" and num_items > args.hnsw_max:
             rows.append({"type": index_type, "skipped": f"N > --hnsw-max={args.hnsw_max} (build time; see smaller N)"})
             continue
         start = time.perf_counter()
         ann = exact.with_faiss_index(index_type, nlist=nlist, nprobe=1, ann_options=options)
         build = time.perf_counter() - start
-        sweep = settings(index_type, num_items, nlist)
+        sweep = settings(index_type, nlist, args)
 
         def run_ann(setting: tuple[str, int], ann: CrossModalIndex = ann) -> torch.Tensor:
             setattr(ann, *setting)
@@ -169,6 +169,9 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=256, help="queries per batched call")
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--types", nargs="+", choices=("ivf", "ivf_pq", "hnsw"), default=["ivf", "ivf_pq", "hnsw"])
+    parser.add_argument("--nprobe", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64], help="IVF settings swept")
+    parser.add_argument("--ef-search", type=int, nargs="+", default=[40, 64, 128, 256], help="HNSW settings swept")
     parser.add_argument("--hnsw-max", type=int, default=100_000, help="largest N at which HNSW is built")
     parser.add_argument("--threads", type=int, default=1, help="threads for torch and FAISS")
     parser.add_argument("--quick", action="store_true", help="10k items only")

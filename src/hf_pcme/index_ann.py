@@ -58,6 +58,7 @@ def create_faiss_index(
     sub_dim = embed_dim // pq_m
     padded = math.ceil(dim / sub_dim) * sub_dim  # CSD's extra coordinate gets a sub-quantiser of its own
     ivf_pq = faiss.IndexIVFPQ(faiss.IndexFlatL2(padded), padded, nlist, padded // sub_dim, options.pq_bits)
+    ivf_pq.pq.cp.max_points_per_centroid = options.train_points_per_cell  # the codebooks' k-means sample too
     if padded == dim:
         return ivf_pq, nlist
     # faiss's Python wrapper keeps the transform and the IVF-PQ index alive as long as this one.

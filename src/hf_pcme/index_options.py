@@ -39,7 +39,8 @@ class AnnOptions:
         hnsw_m: HNSW links per node.
         ef_construction: HNSW beam width while building.
         ef_search: HNSW beam width while searching (raised to ``k'`` when smaller).
-        train_points_per_cell: IVF k-means sample per cell (FAISS wants at least 39).
+        train_points_per_cell: k-means sample per centroid, for the IVF cells and the PQ codebooks
+            (FAISS wants at least 39).
     """
 
     candidate_factor: int = 4
