@@ -9,7 +9,7 @@ Choosing the options (recall is against exact search; the benchmark
 - ``nprobe``: start at ``nlist / 64`` and double until the recall is enough; ``nprobe = nlist``
   scans everything (exact, slower than the flat index). Settable after loading (``index.nprobe``).
 - ``ef_search``: at least ``candidate_factor * k``; double it until the recall is enough.
-  ``hnsw_m`` 16-64 (memory ``4 hnsw_m`` bytes per item on top of the vectors). Settable after
+  ``hnsw_m`` 16-64 (memory about ``8 hnsw_m`` bytes per item on top of the vectors). Settable after
   loading (``index.ef_search``). Building is the slow part (single inserts, no BLAS).
 - ``candidate_factor`` 2-8: more candidates lift the recall of lossy PQ codes; for IVF-Flat and
   HNSW (exact distances already) it mainly widens the search.
