@@ -393,20 +393,8 @@ class CrossModalIndex(ApproximateSearchSettings):
         return load_index(cls, Path(directory), backend=backend, device=device, nprobe=nprobe, ef_search=ef_search)
 
 
-__all__ = [
-    "AnnOptions",
-    "CrossModalIndex",
-    "SearchResult",
-    "model_fingerprint",
-    "default_metric",
-    "item_search_vectors",
-    "query_search_vectors",
-    "require_faiss",
-    "FaissBackend",
-    "SearchBackend",
-    "TorchBackend",
-    "infer_modality",
-    "load_images",
-    "encode_batch",
-    "encode_corpus",
+__all__ = [  # fmt: skip
+    "AnnOptions", "CrossModalIndex", "SearchResult", "model_fingerprint", "default_metric", "item_search_vectors",
+    "query_search_vectors", "require_faiss", "FaissBackend", "SearchBackend", "TorchBackend", "infer_modality",
+    "load_images", "encode_batch", "encode_corpus"
 ]
