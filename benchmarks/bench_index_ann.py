@@ -23,9 +23,9 @@ sum sigma^2, so one value per item ranks exactly like any per-dimension profile 
 (and takes no memory: an expanded view). Queries (256) are fresh draws from the same model.
 These parameters were fixed before any measurement.
 
-Index options: ``nlist = sqrt(N)`` (k-means on 64 points per cell, and per PQ codebook entry, a fixed random sample), IVF-PQ
-``pq_m = 128`` (8-dim sub-vectors, 8 bits; codes of 129 bytes with CSD's extra coordinate), HNSW
-``hnsw_m = 32``, ``ef_construction = 40``; ``candidate_factor = 4``. HNSW is built only up to
+Index options: ``nlist = sqrt(N)`` (k-means on 64 points per cell, and per PQ codebook entry, of
+a fixed random sample), IVF-PQ ``pq_m = 128`` (8-dim sub-vectors, 8 bits; codes of 129 bytes with
+CSD's extra coordinate), HNSW ``hnsw_m = 32``, ``ef_construction = 40``; ``candidate_factor = 4``. HNSW is built only up to
 ``--hnsw-max`` items (default 100k): its build is single inserts, measured at the smaller sizes.
 
 Memory: at 1M items the means (4 GB) and the exact index's vectors (4 GB) exist together only
@@ -132,7 +132,8 @@ def bench(num_items: int, data: str, args: argparse.Namespace) -> list[dict]:
         exact_ms = statistics.median(exact_times) / args.queries * 1e3
         for s in sweep:
             ms = statistics.median(ann_times[s]) / args.queries * 1e3
-            rows.append({"type": index_type, "setting": f"{s[0]}={s[1]}", "build_s": build, "bytes": ann.nbytes() / num_items,
+            rows.append({"type": index_type, "setting": f"{s[0]}={s[1]}", "build_s": build,
+                         "bytes": ann.nbytes() / num_items,
                          "recall": recall_at_k(found[s], reference), "ms": ms, "exact_ms": exact_ms,
                          "speedup": exact_ms / ms, "nlist": nlist if index_type != "hnsw" else None})
         del ann
@@ -158,7 +159,8 @@ def print_rows(num_items: int, data: str, rows: list[dict], top_k: int) -> None:
     met = [r for r in rows if r.get("recall", 0) >= 0.95 and r.get("speedup", 0) >= 10]
     best = max(met, key=lambda r: r["speedup"], default=None)
     print("target (recall@10 >= 0.95 at >= 10x fewer ms/query):",
-          f"met by {best['type']} {best['setting']} ({best['recall']:.3f}, {best['speedup']:.1f}x)" if best else "not met")
+          f"met by {best['type']} {best['setting']} ({best['recall']:.3f}, {best['speedup']:.1f}x)"
+          if best else "not met")
 
 
 def main() -> None:
@@ -190,7 +192,8 @@ def main() -> None:
     for num_items in args.sizes:
         needed = 2 * num_items * (args.dim + 1) * 4 + GIB
         if available_memory() < needed:
-            print(f"\nN = {num_items:,}: skipped, needs ~{needed / GIB:.1f} GiB free, {available_memory() / GIB:.1f} available")
+            free = available_memory() / GIB
+            print(f"\nN = {num_items:,}: skipped, needs ~{needed / GIB:.1f} GiB free, {free:.1f} available")
             continue
         for data in args.data:
             print_rows(num_items, data, bench(num_items, data, args), args.top_k)

@@ -115,7 +115,8 @@ def test_save_load_roundtrip_is_identical(tmp_path, index_type):
     torch.testing.assert_close(loaded.mean, item_mean)
     saved = json.loads((directory / "index_config.json").read_text())
     assert saved["ann"]["ef_search"] == 12 and saved["faiss_index_type"] == index_type
-    assert {p.name for p in directory.iterdir()} == {"index_config.json", "ids.json", "embeddings.safetensors", "index.faiss"}
+    expected_files = {"index_config.json", "ids.json", "embeddings.safetensors", "index.faiss"}
+    assert {p.name for p in directory.iterdir()} == expected_files
 
 
 def test_nprobe_and_ef_search_are_settable_after_loading(tmp_path):

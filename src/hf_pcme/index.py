@@ -278,7 +278,8 @@ class CrossModalIndex(ApproximateSearchSettings):
         """
         check_choice(faiss_index_type, FAISS_INDEX_TYPES, "faiss_index_type")
         searcher, nlist = rebuild_as_faiss(
-            self._searcher, self.embed_dim, faiss_index_type, nlist, nprobe, ann_options or AnnOptions(), BUILD_CHUNK_ROWS
+            self._searcher, self.embed_dim, faiss_index_type, nlist, nprobe, ann_options or AnnOptions(),
+            BUILD_CHUNK_ROWS,
         )
         return type(self)(
             searcher=searcher, embed_dim=self.embed_dim, log_sigma2=self.log_sigma2, attention=self.attention,

@@ -52,7 +52,8 @@ def build_search_backend(
         return score.item_vectors(mean[rows], log_sigma2[rows] if log_sigma2 is not None else None)
 
     shape = (mean.shape[0], mean.shape[1], mean.shape[2] + score.extra_dims)
-    return build_faiss_backend(block, shape, mean.shape[2], index_type, nlist, nprobe, options or AnnOptions(), block_rows)
+    options = options or AnnOptions()
+    return build_faiss_backend(block, shape, mean.shape[2], index_type, nlist, nprobe, options, block_rows)
 
 
 def build_faiss_backend(

@@ -47,7 +47,10 @@ def default_metric(model: torch.nn.Module) -> str:
 def check_compatible(
     index_fingerprint: str | None, index_embed_dim: int, model_fingerprint: str | None, embed_dim: int | None
 ) -> None:
-    """Raise a ``ValueError`` if an index was built by another model or for another embedding size (``None``: not checked)."""
+    """Raise a ``ValueError`` if an index was built by another model or for another embedding size.
+
+    A ``None`` argument (or an index without a fingerprint) is not checked.
+    """
     if embed_dim is not None and int(embed_dim) != index_embed_dim:
         raise ValueError(
             f"The index holds {index_embed_dim}-d embeddings but the model makes {embed_dim}-d ones: "

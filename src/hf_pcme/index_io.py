@@ -101,7 +101,8 @@ def load_index(
     )  # fmt: skip
     mean = tensors.get("mean")
     if config["backend"] == "faiss":
-        searcher = read_faiss_backend(directory / FAISS_NAME, {**config, "ann": ann_options.to_dict()}, mean, log_sigma2)
+        config = {**config, "ann": ann_options.to_dict()}
+        searcher = read_faiss_backend(directory / FAISS_NAME, config, mean, log_sigma2)
         if backend == "faiss":
             common["ids"] = check_ids(common["ids"], config["num_items"])
             return cls(searcher=searcher, embed_dim=config["embed_dim"], log_sigma2=log_sigma2,

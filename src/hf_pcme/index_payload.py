@@ -80,7 +80,7 @@ def check_query(
     metric: str,
     item_log_sigma2: torch.Tensor | None,
 ) -> None:
-    """Raise a ``ValueError`` naming the argument if a query does not fit an index of ``num_items`` ``embed_dim``-d items."""
+    """Raise a ``ValueError`` naming the argument if a query does not fit an index of ``num_items`` items of size D."""
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
         raise ValueError(f"top_k must be a positive integer, got {top_k!r}.")
     if top_k > num_items:
