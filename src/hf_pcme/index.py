@@ -1,4 +1,4 @@
-"""A searchable corpus of embeddings for cross-modal retrieval, with two interchangeable back ends.
+"""A searchable corpus of embeddings for cross-modal retrieval: exact or approximate, torch or FAISS.
 
 :class:`CrossModalIndex` holds the embeddings of a corpus (captions or images) and returns, for a
 batch of queries, the ``top_k`` items by one of two metrics:
@@ -8,33 +8,23 @@ batch of queries, the ``top_k`` items by one of two metrics:
 - ``"csd"``: PCME++'s closed-form sampled distance (Chun, ICLR 2024), smaller = better,
   ``d(v, t) = ||mu_v - mu_t||^2 + sum sigma_v^2 + sum sigma_t^2`` (a point embedding has sigma = 0).
 
-Both reduce to one maximum-inner-product search. For CSD, with query ``q = [mu_v, 1]`` and item
-``k = [2 mu_t, -(|mu_t|^2 + sum sigma_t^2)]``,
+Both reduce to one maximum-inner-product search (``hf_pcme.scoring``; docs/formulas.md, "CSD as
+an inner product"): query ``q = [mu_v, 1]``, item ``k = [2 mu_t, -(|mu_t|^2 + sum sigma_t^2)]``,
+``q . k - c(v) = -d(v, t)`` exactly. The same vectors serve every back end:
 
-    q . k = -d(v, t) + c(v),    c(v) = |mu_v|^2 + sum sigma_v^2,
+- ``backend="torch"`` (``index_backends``): exact, chunked matrix products, any device;
+- ``backend="faiss"``, ``faiss_index_type="flat"`` (``index_backends``): exact, FAISS ``IndexFlatIP``;
+- ``faiss_index_type="ivf"`` / ``"ivf_pq"`` / ``"hnsw"`` (``index_ann``): approximate candidates,
+  re-scored exactly; options and how to choose them in ``index_options``.
 
-and ``c(v)`` does not depend on the item, so ranking by ``q . k`` is ranking by ``-d`` *exactly*,
-and subtracting ``c(v)`` gives ``-d`` itself. The same augmented vectors serve the exact chunked
-torch search (one matrix product per chunk, no per-query pass over the item variances) and a
-FAISS inner-product index (flat: exact; IVF: approximate).
-
-Back ends (``hf_pcme.index_backends``, one interface: ``add`` / ``search`` / ``reconstruct``):
-``"torch"`` (exact; on any device; memory flat in the corpus size thanks to chunking) and
-``"faiss"`` (``pip install hf_pcme[faiss]``). The index itself keeps ids, payloads and persistence;
-the search vectors come from ``hf_pcme.scoring``, corpus encoding from ``hf_pcme.encoding``.
-On disk: ``index_config.json`` (metric, sizes, model fingerprint), ``ids.json`` (ids and texts),
-``embeddings.safetensors`` (means, log variances, attention maps) and, for FAISS, ``index.faiss``
-written by ``faiss.write_index`` (then the means are not stored twice). Nothing is pickled.
-
-An index is immutable once built: a retriever swaps whole indexes (``set_index``), so a query
-always sees one consistent index.
+Modules: building back ends ``index_build``, files ``index_io`` (JSON + safetensors +
+``faiss.write_index``; nothing pickled), payload checks ``index_payload``, model identity
+``index_identity``, corpus encoding ``encoding``. An index is immutable once built (only its
+search options can change): a retriever swaps whole indexes (``set_index``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,75 +32,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from .distances import iter_row_chunks
 from .encoding import encode_batch, encode_corpus, infer_modality, load_images  # noqa: F401  (re-exported)
-from .heads import MULTI_EMBEDDING_HEADS
-from .index_backends import (  # noqa: F401  (QUERY_CHUNK_ROWS, SCORE_BLOCK_ELEMENTS, faiss: re-exported)
-    FAISS_INDEX_TYPES,
-    IVF_TRAIN_POINTS_PER_CELL,
-    QUERY_CHUNK_ROWS,
-    SCORE_BLOCK_ELEMENTS,
-    FaissBackend,
-    SearchBackend,
-    TorchBackend,
-    faiss,
-    require_faiss,
-)
+from .index_identity import check_compatible, default_metric, model_fingerprint
+from .index_options import AnnOptions, ApproximateSearchSettings
+from .index_backends import QUERY_CHUNK_ROWS, SCORE_BLOCK_ELEMENTS, faiss  # noqa: F401  (re-exported)
+from .index_backends import FaissBackend, SearchBackend, TorchBackend, require_faiss
+from .index_build import FAISS_INDEX_TYPES, build_search_backend, rebuild_as_faiss
+from .index_io import CONFIG_NAME, EMBEDDINGS_NAME, FAISS_NAME, FORMAT_VERSION, IDS_NAME  # noqa: F401
+from .index_io import load_index, save_index
+from .index_payload import MODALITIES, check_payload, check_query, item_uncertainty
 from .outputs import ProbabilisticEmbedding
 from .registry import check_choice
-from .scoring import SCORES, SEARCH_SCORES, as_embedding_rows, default_search_score
+from .scoring import SCORES, SEARCH_SCORES
 from .scoring import item_search_vectors, query_search_vectors  # noqa: F401  (old public names)
 
 #: The scores an index searches exactly (``hf_pcme.scoring.SEARCH_SCORES``).
 METRICS = SEARCH_SCORES
 BACKENDS = ("torch", "faiss")
-MODALITIES = ("text", "image")
-
-CONFIG_NAME = "index_config.json"
-IDS_NAME = "ids.json"
-EMBEDDINGS_NAME = "embeddings.safetensors"
-FAISS_NAME = "index.faiss"
-FORMAT_VERSION = 1
 
 #: Items turned into search vectors at once while building (bounds the temporaries).
 BUILD_CHUNK_ROWS = 65536
-
-
-# ---------------------------------------------------------------------------- model identity
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """A short string that identifies which model produced an index's embeddings.
-
-    ``"<head_type>-K<num_embeds>-D<embed_dim>-<sha256 of the projection heads>"``: the config's
-    head type, K and D, plus a hash of the names, shapes and float32 values of the parameters
-    of the two projection heads (``image_head``, ``text_head``; all parameters for a model
-    without them). Two models give the same fingerprint iff their heads are identical, which is
-    what decides whether stored embeddings and fresh query embeddings live in the same space.
-    """
-    config = getattr(model, "config", None)
-    head_type = getattr(config, "head_type", "unknown")
-    num_embeds = getattr(config, "num_embeds", 1) if head_type in MULTI_EMBEDDING_HEADS else 1
-    embed_dim = getattr(config, "embed_dim", "unknown")
-    heads = [getattr(model, name) for name in ("image_head", "text_head") if hasattr(model, name)]
-    named = [
-        (f"{i}.{name}", param) for i, head in enumerate(heads or [model]) for name, param in head.named_parameters()
-    ]
-    digest = hashlib.sha256()
-    for name, param in named:
-        digest.update(f"{name}:{tuple(param.shape)};".encode())
-        digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
-    return f"{head_type}-K{num_embeds}-D{embed_dim}-{digest.hexdigest()[:16]}"
-
-
-def default_metric(model: torch.nn.Module) -> str:
-    """The search score that matches how a model was trained: ``hf_pcme.scoring.default_search_score``.
-
-    ``"csd"`` for probabilistic heads trained with the closed-form distance (PCME++,
-    ``match_function="csd"``), ``"cosine"`` otherwise (PCME ranks by the inner product of the
-    sample means, VSE++ / InfoNCE / PVSE by the cosine).
-    """
-    return default_search_score(getattr(model, "config", None))
 
 
 def _means_from_search_vectors(vectors: torch.Tensor, metric: str) -> torch.Tensor:
@@ -135,7 +77,7 @@ class SearchResult:
 
 
 # ---------------------------------------------------------------------------- the index
-class CrossModalIndex:
+class CrossModalIndex(ApproximateSearchSettings):
     """An immutable, searchable corpus of (probabilistic) embeddings.
 
     Build one with :meth:`from_embeddings` (tensors you already have), :meth:`build` (a model,
@@ -147,6 +89,10 @@ class CrossModalIndex:
         modality: ``"text"`` or ``"image"``: what the items are.
         metric: ``"cosine"`` or ``"csd"``.
         backend: ``"torch"`` or ``"faiss"``.
+        faiss_index_type: ``"flat"`` (exact) or an approximate type, ``"ivf"``, ``"ivf_pq"``, ``"hnsw"``.
+        nlist: IVF cells (``None`` otherwise). nprobe / ef_search / candidate_factor: search
+            options of the approximate types, settable at any time (``hf_pcme.index_ann``).
+        ann_options: :class:`~hf_pcme.index_ann.AnnOptions` of the approximate types.
         embed_dim: D.  num_embeds: K embeddings per item (1 except for polysemous heads).
         log_sigma2: ``(N, D)`` item log variances or ``None``.
         uncertainty: ``(N,)`` mean over D of sigma^2 (``ProbabilisticEmbedding.uncertainty``) or ``None``.
@@ -169,9 +115,10 @@ class CrossModalIndex:
         nlist: int | None,
         nprobe: int,
         model_fingerprint: str | None,
+        ann_options: AnnOptions | None = None,
     ):
         # Use the constructors (from_embeddings, build, load); this one trusts its arguments.
-        self._searcher = searcher  # the search vectors and the search (index_backends.py)
+        self._searcher = searcher  # the search vectors and the search (index_backends.py, index_ann.py)
         self.num_items = searcher.num_items
         self.embed_dim = embed_dim
         self.num_embeds = searcher.num_embeds
@@ -184,9 +131,10 @@ class CrossModalIndex:
         self.backend = searcher.name
         self.faiss_index_type = faiss_index_type
         self.nlist = nlist
+        self.ann_options = getattr(searcher, "options", None) or ann_options or AnnOptions()
         self.nprobe = nprobe
         self.model_fingerprint = model_fingerprint
-        self.uncertainty = _uncertainty(log_sigma2)
+        self.uncertainty = item_uncertainty(log_sigma2, BUILD_CHUNK_ROWS)
 
     @property
     def chunk_size(self) -> int | None:
@@ -213,6 +161,7 @@ class CrossModalIndex:
         faiss_index_type: str = "flat",
         nlist: int | None = None,
         nprobe: int = 16,
+        ann_options: AnnOptions | None = None,
         model_fingerprint: str | None = None,
         device: torch.device | str | None = None,
         chunk_size: int | None = None,
@@ -222,76 +171,41 @@ class CrossModalIndex:
         Args:
             mean: ``(N, D)`` means, or ``(N, K, D)`` for K embeddings per item (PVSE).
             log_sigma2: ``(N, D)`` log variances, or ``None`` for point embeddings.
-            ids: one str / int per item (default ``0..N-1``).
-            texts: the captions, for a text corpus (returned with the results).
+            ids: one str / int per item (default ``0..N-1``).  texts: the captions of a text corpus.
             attention: ``(N, K, L)`` attention maps of the items, kept for display.
-            modality: what the items are, ``"text"`` or ``"image"``.
-            metric: ``"cosine"`` or ``"csd"``.
-            backend: ``"torch"`` (exact, chunked) or ``"faiss"`` (inner-product index).
-            faiss_index_type: ``"flat"`` (exact) or ``"ivf"`` (approximate, ``nlist`` cells,
-                ``nprobe`` visited per query; default ``nlist = 4 sqrt(N)``).
+            modality: what the items are, ``"text"`` or ``"image"``.  metric: ``"cosine"`` or ``"csd"``.
+            backend: ``"torch"`` (exact, chunked) or ``"faiss"``.
+            faiss_index_type: ``"flat"`` (exact), or approximate with exact re-scoring of the
+                candidates: ``"ivf"`` (IVF-Flat), ``"ivf_pq"`` (IVF-PQ), ``"hnsw"``
+                (``hf_pcme.index_ann``: how to choose the options).
+            nlist / nprobe: IVF cells (default ``4 sqrt(N)``) / cells scanned per query.
+            ann_options: the other options of the approximate types (:class:`~hf_pcme.index_ann.AnnOptions`).
             model_fingerprint: :func:`model_fingerprint` of the model that made the embeddings.
             device: where the torch back end keeps its vectors (default: the device of ``mean``).
             chunk_size: items scored per block by the torch back end (default: automatic,
                 bounded to 64 MiB of scores).
         """
-        check_choice(modality, MODALITIES, "modality")
         check_choice(metric, METRICS, "metric")
         check_choice(backend, BACKENDS, "backend")
         check_choice(faiss_index_type, FAISS_INDEX_TYPES, "faiss_index_type")
-        if not isinstance(mean, torch.Tensor):
-            raise TypeError(f"mean must be a torch.Tensor, got {type(mean).__name__}.")
-        if mean.dim() not in (2, 3):
-            raise ValueError(f"mean must be (N, D) or (N, K, D), got shape {tuple(mean.shape)}.")
-        num_items = mean.shape[0]
-        if num_items == 0:
-            raise ValueError("The corpus is empty: mean has 0 rows. Give at least one item to index.")
-        if log_sigma2 is not None:
-            if mean.dim() != 2 or log_sigma2.shape != mean.shape:
-                raise ValueError(
-                    f"log_sigma2 must have the shape of mean (N, D) = {tuple(mean.shape)}, "
-                    f"got {tuple(log_sigma2.shape)}."
-                )
-            log_sigma2 = log_sigma2.detach().float().cpu()
-        ids = _check_ids(ids, num_items)
-        if texts is not None:
-            texts = [str(t) for t in texts]
-            if len(texts) != num_items:
-                raise ValueError(f"texts must have one entry per item ({num_items}), got {len(texts)}.")
-        if attention is not None:
-            if attention.dim() != 3 or attention.shape[0] != num_items:
-                raise ValueError(f"attention must be (N, K, L) with N = {num_items}, got {tuple(attention.shape)}.")
-            attention = attention.detach().float().cpu()
+        log_sigma2, attention, ids, texts = check_payload(mean, log_sigma2, attention, ids, texts, modality)
         if backend == "faiss":
             require_faiss()
         if nprobe < 1:
             raise ValueError(f"nprobe must be >= 1, got {nprobe}.")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}.")
-
-        mean = mean.detach()
+        index_type = faiss_index_type if backend == "faiss" else "flat"
         score = SCORES[metric]()
-        if backend == "faiss":  # FAISS holds the only copy of the vectors
-            searcher, nlist = _build_faiss_backend(mean.cpu(), log_sigma2, score, faiss_index_type, nlist, nprobe)
-        else:
-            mean = mean.to(device) if device is not None else mean
-            vectors = score.item_vectors(mean, log_sigma2.to(mean.device) if log_sigma2 is not None else None)
-            searcher = TorchBackend(vectors, chunk_size)
-        del mean
+        searcher, nlist = build_search_backend(
+            mean.detach(), log_sigma2, score, backend=backend, index_type=index_type, nlist=nlist, nprobe=nprobe,
+            options=ann_options, device=device, chunk_size=chunk_size, block_rows=BUILD_CHUNK_ROWS,
+        )  # fmt: skip
         return cls(
-            searcher=searcher,
-            embed_dim=searcher.dim - score.extra_dims,
-            log_sigma2=log_sigma2,
-            attention=attention,
-            ids=ids,
-            texts=texts,
-            modality=modality,
-            metric=metric,
-            faiss_index_type=faiss_index_type if backend == "faiss" else "flat",
-            nlist=nlist if backend == "faiss" and faiss_index_type == "ivf" else None,
-            nprobe=nprobe,
-            model_fingerprint=model_fingerprint,
-        )
+            searcher=searcher, embed_dim=searcher.dim - score.extra_dims, log_sigma2=log_sigma2, attention=attention,
+            ids=ids, texts=texts, modality=modality, metric=metric, faiss_index_type=index_type, nlist=nlist,
+            nprobe=nprobe, model_fingerprint=model_fingerprint, ann_options=ann_options,
+        )  # fmt: skip
 
     @classmethod
     def build(
@@ -304,14 +218,9 @@ class CrossModalIndex:
         batch_size: int = 32,
         ids: Sequence[str | int] | None = None,
         metric: str | None = None,
-        backend: str = "torch",
-        faiss_index_type: str = "flat",
-        nlist: int | None = None,
-        nprobe: int = 16,
         store_attention: bool = True,
-        device: torch.device | str | None = None,
         progress_bar: bool = True,
-        chunk_size: int | None = None,
+        **index_options: Any,
     ) -> "CrossModalIndex":
         """Embed a corpus with a model and index it.
 
@@ -327,7 +236,8 @@ class CrossModalIndex:
             ids: default: the paths of path images, else ``0..N-1``.
             metric: default :func:`default_metric` of the model.
             store_attention: keep the image items' attention maps (``(N, K, L)``) for display.
-            device: where the torch back end keeps its vectors (default: the model's device).
+            index_options: ``backend``, ``faiss_index_type``, ``nlist``, ``nprobe``, ``ann_options``,
+                ``device`` (default: the model's device), ``chunk_size``: as :meth:`from_embeddings`.
         """
         corpus = list(corpus)
         if not corpus:
@@ -336,33 +246,46 @@ class CrossModalIndex:
         check_choice(modality, MODALITIES, "modality")
         if ids is None and modality == "image" and all(isinstance(item, (str, Path)) for item in corpus):
             ids = [str(item) for item in corpus]
-        texts = [str(t) for t in corpus] if modality == "text" else None
         keep_attention = store_attention and modality == "image"
         embeddings = encode_corpus(
-            model,
-            processor,
-            corpus,
-            modality,
-            batch_size=batch_size,
-            return_attention=keep_attention,
+            model, processor, corpus, modality, batch_size=batch_size, return_attention=keep_attention,
             progress_bar=progress_bar,
-        )
+        )  # fmt: skip
         return cls.from_embeddings(
             embeddings.mean,
             embeddings.log_sigma2,
             ids=ids,
-            texts=texts,
+            texts=[str(t) for t in corpus] if modality == "text" else None,
             attention=embeddings.attention if keep_attention else None,
             modality=modality,
             metric=metric or default_metric(model),
-            backend=backend,
-            faiss_index_type=faiss_index_type,
-            nlist=nlist,
-            nprobe=nprobe,
             model_fingerprint=model_fingerprint(model),
-            device=device,
-            chunk_size=chunk_size,
+            **index_options,
         )
+
+    def with_faiss_index(
+        self,
+        faiss_index_type: str,
+        *,
+        nlist: int | None = None,
+        nprobe: int = 16,
+        ann_options: AnnOptions | None = None,
+    ) -> "CrossModalIndex":
+        """The same items (ids, payloads) in a FAISS index of ``faiss_index_type`` (see :meth:`from_embeddings`).
+
+        Built block by block from this index's stored search vectors, without a copy of the means;
+        an IVF-PQ index made from a torch index shares its exact vectors for re-scoring.
+        """
+        check_choice(faiss_index_type, FAISS_INDEX_TYPES, "faiss_index_type")
+        searcher, nlist = rebuild_as_faiss(
+            self._searcher, self.embed_dim, faiss_index_type, nlist, nprobe, ann_options or AnnOptions(),
+            BUILD_CHUNK_ROWS,
+        )
+        return type(self)(
+            searcher=searcher, embed_dim=self.embed_dim, log_sigma2=self.log_sigma2, attention=self.attention,
+            ids=self.ids, texts=self.texts, modality=self.modality, metric=self.metric,
+            faiss_index_type=faiss_index_type, nlist=nlist, nprobe=nprobe, model_fingerprint=self.model_fingerprint,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ properties
     def __len__(self) -> int:
@@ -409,18 +332,7 @@ class CrossModalIndex:
 
         A ``None`` argument (or an index without a fingerprint) is not checked.
         """
-        if embed_dim is not None and int(embed_dim) != self.embed_dim:
-            raise ValueError(
-                f"The index holds {self.embed_dim}-d embeddings but the model makes {embed_dim}-d ones: "
-                "rebuild the index with this model (CrossModalIndex.build)."
-            )
-        if model_fingerprint is not None and self.model_fingerprint is not None:
-            if model_fingerprint != self.model_fingerprint:
-                raise ValueError(
-                    f"The index was built by a different model (fingerprint {self.model_fingerprint!r}, this model: "
-                    f"{model_fingerprint!r}); its embeddings are not comparable with this model's queries. "
-                    "Rebuild the index with this model (CrossModalIndex.build)."
-                )
+        check_compatible(self.model_fingerprint, self.embed_dim, model_fingerprint, embed_dim)
 
     def to(self, device: torch.device | str) -> "CrossModalIndex":
         """A copy of this index whose torch back end searches on ``device`` (FAISS indexes stay on the CPU)."""
@@ -442,29 +354,10 @@ class CrossModalIndex:
             query_log_sigma2: ``(Q, D)`` log variances (CSD; ``None`` = point queries).
             top_k: items per query, ``1 <= top_k <= len(self)``.
         Returns:
-            :class:`SearchResult` on the CPU; for CSD, ``distances`` are exact CSDs.
+            :class:`SearchResult` on the CPU; for CSD, ``distances`` are exact CSDs (the approximate
+            FAISS types re-score their candidates exactly).
         """
-        if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
-            raise ValueError(f"top_k must be a positive integer, got {top_k!r}.")
-        if top_k > self.num_items:
-            raise ValueError(
-                f"top_k={top_k} is larger than the corpus ({self.num_items} items); ask for at most {self.num_items}."
-            )
-        if query_mean.dim() not in (2, 3) or query_mean.shape[-1] != self.embed_dim:
-            raise ValueError(
-                f"query_mean must be (Q, {self.embed_dim}) or (Q, K, {self.embed_dim}) to match the index, "
-                f"got {tuple(query_mean.shape)}: was the index built by another model?"
-            )
-        if query_log_sigma2 is not None and (query_mean.dim() != 2 or query_log_sigma2.shape != query_mean.shape):
-            raise ValueError(
-                f"query_log_sigma2 must have the shape of query_mean {tuple(query_mean.shape)}, "
-                f"got {tuple(query_log_sigma2.shape)}."
-            )
-        if self.metric == "csd" and (query_log_sigma2 is None) != (self.log_sigma2 is None):
-            which = "the index has variances but the queries do not" if query_log_sigma2 is None else (
-                "the queries have variances but the index does not"
-            )
-            raise ValueError(f"CSD needs variances on both sides or neither: {which}. Use one model for both.")
+        check_query(query_mean, query_log_sigma2, top_k, self.num_items, self.embed_dim, self.metric, self.log_sigma2)
         device = self.device
         query_mean = query_mean.detach().to(device)
         if query_log_sigma2 is not None:
@@ -479,39 +372,8 @@ class CrossModalIndex:
 
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write the index to ``directory`` (created if needed); returns the directory.
-
-        ``index_config.json`` + ``ids.json`` + ``embeddings.safetensors`` (+ ``index.faiss``).
-        """
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors: dict[str, torch.Tensor] = {}
-        if self.backend == "faiss":
-            self._searcher.write(directory / FAISS_NAME)
-        else:
-            tensors["mean"] = self.mean.cpu().contiguous()
-        if self.log_sigma2 is not None:
-            tensors["log_sigma2"] = self.log_sigma2.contiguous()
-        if self.attention is not None:
-            tensors["attention"] = self.attention.contiguous()
-        if tensors:
-            save_file(tensors, str(directory / EMBEDDINGS_NAME), metadata={"format": "pt"})
-        config = {
-            "format_version": FORMAT_VERSION,
-            "num_items": self.num_items,
-            "embed_dim": self.embed_dim,
-            "num_embeds": self.num_embeds,
-            "modality": self.modality,
-            "metric": self.metric,
-            "backend": self.backend,
-            "faiss_index_type": self.faiss_index_type,
-            "nlist": self.nlist,
-            "nprobe": self.nprobe,
-            "model_fingerprint": self.model_fingerprint,
-        }
-        (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        (directory / IDS_NAME).write_text(json.dumps({"ids": self.ids, "texts": self.texts}), encoding="utf-8")
-        return directory
+        """Write the index to ``directory`` (created if needed); returns the directory (``hf_pcme.index_io``)."""
+        return save_index(self, Path(directory))
 
     @classmethod
     def load(
@@ -521,153 +383,19 @@ class CrossModalIndex:
         backend: str | None = None,
         device: torch.device | str | None = None,
         nprobe: int | None = None,
+        ef_search: int | None = None,
     ) -> "CrossModalIndex":
         """Read an index written by :meth:`save`.
 
         ``backend`` (default: the saved one) may differ from the saved back end: the vectors
-        are then moved into the other one. ``device`` places the torch back end.
+        are then moved into the other one. ``device`` places the torch back end. ``nprobe`` and
+        ``ef_search`` override the saved search options (they can also be set later).
         """
-        directory = Path(directory)
-        config_path = directory / CONFIG_NAME
-        if not config_path.is_file():
-            raise FileNotFoundError(
-                f"No {CONFIG_NAME} in {directory}: not a directory written by CrossModalIndex.save."
-            )
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-        if config.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"Unsupported index format_version {config.get('format_version')!r} (expected {FORMAT_VERSION})."
-            )
-        names = json.loads((directory / IDS_NAME).read_text(encoding="utf-8"))
-        tensors = load_file(str(directory / EMBEDDINGS_NAME)) if (directory / EMBEDDINGS_NAME).is_file() else {}
-        saved_backend = config["backend"]
-        backend = backend or saved_backend
-        check_choice(backend, BACKENDS, "backend")
-        nprobe = nprobe if nprobe is not None else config["nprobe"]
-        common = dict(
-            ids=names["ids"],
-            texts=names["texts"],
-            attention=tensors.get("attention"),
-            modality=config["modality"],
-            metric=config["metric"],
-            model_fingerprint=config["model_fingerprint"],
-        )
-        if saved_backend == "faiss":
-            searcher = _read_faiss_backend(directory, config, nprobe)
-            if backend == "faiss":
-                log_sigma2 = tensors.get("log_sigma2")
-                return cls(
-                    searcher=searcher,
-                    embed_dim=config["embed_dim"],
-                    log_sigma2=log_sigma2.float() if log_sigma2 is not None else None,
-                    faiss_index_type=config["faiss_index_type"],
-                    nlist=config["nlist"],
-                    nprobe=nprobe,
-                    **{**common, "ids": _check_ids(common["ids"], config["num_items"])},
-                )
-            vectors = searcher.reconstruct_all()
-            mean = _means_from_search_vectors(vectors, config["metric"])
-            mean = mean.squeeze(1) if config["num_embeds"] == 1 else mean
-        else:
-            mean = tensors["mean"]
-        return cls.from_embeddings(
-            mean,
-            tensors.get("log_sigma2"),
-            backend=backend,
-            faiss_index_type=config["faiss_index_type"],
-            nlist=config["nlist"],
-            nprobe=nprobe,
-            device=device,
-            **common,
-        )
+        return load_index(cls, Path(directory), backend=backend, device=device, nprobe=nprobe, ef_search=ef_search)
 
 
-def _read_faiss_backend(directory: Path, config: dict, nprobe: int) -> FaissBackend:
-    searcher = FaissBackend.read(directory / FAISS_NAME, config["num_embeds"])
-    index = searcher.faiss_index
-    expected_rows = config["num_items"] * config["num_embeds"]
-    expected_dim = config["embed_dim"] + SCORES[config["metric"]].extra_dims
-    if index.ntotal != expected_rows or index.d != expected_dim:
-        raise ValueError(
-            f"{FAISS_NAME} holds {index.ntotal} vectors of size {index.d}, but {CONFIG_NAME} says "
-            f"{expected_rows} of size {expected_dim}: the files do not belong together."
-        )
-    if config["faiss_index_type"] == "ivf":
-        searcher.set_nprobe(nprobe)
-    return searcher
-
-
-def _check_ids(ids: Sequence[Any] | None, num_items: int) -> list:
-    if ids is None:
-        return list(range(num_items))
-    ids = [str(i) if isinstance(i, Path) else i for i in ids]
-    if len(ids) != num_items:
-        raise ValueError(f"ids must have one entry per item ({num_items}), got {len(ids)}.")
-    for i in ids:
-        if isinstance(i, bool) or not isinstance(i, (str, int)):
-            raise ValueError(f"ids must be str or int (they are saved as JSON), got {type(i).__name__}: {i!r}.")
-    return ids
-
-
-def _uncertainty(log_sigma2: torch.Tensor | None) -> torch.Tensor | None:
-    """``ProbabilisticEmbedding.uncertainty`` (mean over D of sigma^2) per item, block by block."""
-    if log_sigma2 is None:
-        return None
-    blocks = [
-        ProbabilisticEmbedding(log_sigma2=log_sigma2[rows]).uncertainty
-        for rows in iter_row_chunks(log_sigma2.shape[0], BUILD_CHUNK_ROWS)
-    ]
-    return torch.cat(blocks)
-
-
-def _build_faiss_backend(
-    mean: torch.Tensor,
-    log_sigma2: torch.Tensor | None,
-    score: Any,
-    index_type: str,
-    nlist: int | None,
-    nprobe: int,
-) -> tuple[FaissBackend, int | None]:
-    """A FAISS back end of the items' search vectors (one FAISS row per embedding).
-
-    Vectors are made and added block by block: the index's own storage is the only full copy.
-    """
-    require_faiss()
-    mean = as_embedding_rows(mean, "mean")
-    num_items, num_embeds, dim = mean.shape[0], mean.shape[1], mean.shape[2] + score.extra_dims
-
-    def block(rows: slice | torch.Tensor) -> torch.Tensor:
-        return score.item_vectors(mean[rows], log_sigma2[rows] if log_sigma2 is not None else None)
-
-    train_vectors = None
-    if index_type == "ivf":
-        num_rows = num_items * num_embeds
-        nlist = nlist or max(1, min(num_rows, int(4 * math.sqrt(num_rows))))
-        if nlist > num_rows:
-            raise ValueError(f"nlist={nlist} is larger than the number of vectors ({num_rows}): use a smaller nlist.")
-        # k-means needs a few dozen points per cell; a fixed random subset keeps training fast and reproducible.
-        sample_items = min(num_items, max(IVF_TRAIN_POINTS_PER_CELL * nlist // num_embeds, 1))
-        sample = torch.randperm(num_items, generator=torch.Generator().manual_seed(0))[:sample_items].sort().values
-        train_vectors = block(sample)
-    searcher = FaissBackend.create(dim, num_embeds, index_type, nlist, nprobe, train_vectors)
-    for rows in iter_row_chunks(num_items, BUILD_CHUNK_ROWS):
-        searcher.add(block(rows))
-    return searcher, nlist
-
-
-__all__ = [
-    "CrossModalIndex",
-    "SearchResult",
-    "model_fingerprint",
-    "default_metric",
-    "item_search_vectors",
-    "query_search_vectors",
-    "require_faiss",
-    "FaissBackend",
-    "SearchBackend",
-    "TorchBackend",
-    "infer_modality",
-    "load_images",
-    "encode_batch",
-    "encode_corpus",
+__all__ = [  # fmt: skip
+    "AnnOptions", "CrossModalIndex", "SearchResult", "model_fingerprint", "default_metric", "item_search_vectors",
+    "query_search_vectors", "require_faiss", "FaissBackend", "SearchBackend", "TorchBackend", "infer_modality",
+    "load_images", "encode_batch", "encode_corpus"
 ]

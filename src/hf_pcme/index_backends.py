@@ -10,9 +10,9 @@ and answers maximum-inner-product queries:
 - ``reconstruct(indices)``: the stored vectors of some items, ``(n, K, D')`` float32.
 
 :class:`TorchBackend` is exact, on any device, chunked so that memory stays flat in the corpus
-size. :class:`FaissBackend` wraps a FAISS inner-product index (``"flat"``: exact; ``"ivf"``:
-approximate), CPU only (``pip install hf_pcme[faiss]``). Ids, payloads and persistence stay in
-:class:`~hf_pcme.index.CrossModalIndex`.
+size. :class:`FaissBackend` wraps FAISS's exact inner-product index (``IndexFlatIP``), CPU only
+(``pip install hf_pcme[faiss]``); the approximate FAISS back ends (IVF-Flat, IVF-PQ, HNSW) are in
+``hf_pcme.index_ann``. Ids, payloads and persistence stay in :class:`~hf_pcme.index.CrossModalIndex`.
 """
 
 from __future__ import annotations
@@ -35,9 +35,6 @@ except ImportError:  # pragma: no cover - exercised only where faiss is missing
 SCORE_BLOCK_ELEMENTS = 1 << 24
 #: Query rows scored at once by the torch search.
 QUERY_CHUNK_ROWS = 1024
-#: Training points per IVF cell for k-means (FAISS wants at least 39).
-IVF_TRAIN_POINTS_PER_CELL = 256
-FAISS_INDEX_TYPES = ("flat", "ivf")
 
 
 def require_faiss() -> Any:
@@ -149,11 +146,9 @@ class TorchBackend(SearchBackend):
 
 
 class FaissBackend(SearchBackend):
-    """A FAISS inner-product index with one row per embedding (K rows per item), on the CPU.
+    """FAISS's exact inner-product index (``IndexFlatIP``) with one row per embedding (K rows per item).
 
-    Create an empty one with :meth:`create` (an IVF index is trained on ``train_vectors``), then
-    :meth:`add`; FAISS's storage is the only copy of the vectors. Indices of items a query's IVF
-    probe did not reach are -1 with score ``-inf``.
+    Wrap an empty ``IndexFlatIP``, then :meth:`add`; FAISS's storage is the only copy of the vectors.
     """
 
     name = "faiss"
@@ -164,32 +159,6 @@ class FaissBackend(SearchBackend):
 
     num_items = property(lambda self: self.faiss_index.ntotal // self.num_embeds)
     dim = property(lambda self: self.faiss_index.d)
-
-    @classmethod
-    def create(
-        cls, dim: int, num_embeds: int, index_type: str, nlist: int | None, nprobe: int, train_vectors: torch.Tensor
-    ) -> "FaissBackend":
-        """An empty index; for ``"ivf"``, with ``nlist`` cells trained on ``train_vectors`` ``(n, K, D')``."""
-        faiss_module = require_faiss()
-        if index_type == "flat":
-            return cls(faiss_module.IndexFlatIP(dim), num_embeds)
-        index = faiss_module.IndexIVFFlat(faiss_module.IndexFlatIP(dim), dim, nlist, faiss_module.METRIC_INNER_PRODUCT)
-        index.train(train_vectors.reshape(-1, dim).contiguous().numpy())
-        index.nprobe = nprobe
-        index.make_direct_map()  # so that reconstruct finds rows by position (kept up to date by add)
-        return cls(index, num_embeds)
-
-    @classmethod
-    def read(cls, path: Path, num_embeds: int, ivf_nprobe: int | None = None) -> "FaissBackend":
-        """An index written by :meth:`write`; ``ivf_nprobe``: the cells an IVF index probes."""
-        index = require_faiss().read_index(str(path))
-        if ivf_nprobe is not None:
-            faiss.extract_index_ivf(index).nprobe = ivf_nprobe
-        return cls(index, num_embeds)
-
-    def set_nprobe(self, nprobe: int) -> None:
-        """The number of cells an IVF index probes per query."""
-        faiss.extract_index_ivf(self.faiss_index).nprobe = nprobe
 
     def write(self, path: Path) -> None:
         """``faiss.write_index`` (nothing pickled)."""
@@ -241,7 +210,6 @@ class FaissBackend(SearchBackend):
 
 
 __all__ = [
-    "FAISS_INDEX_TYPES",
     "FaissBackend",
     "SearchBackend",
     "TorchBackend",
