@@ -58,7 +58,8 @@ def score_path(source: ScoreSource, max_memory: int) -> str:
     if not isinstance(source, InnerProductScorer):
         # a given matrix is already held; the sampled scorer's two orientations differ in rounding
         return GIVEN_MATRIX if isinstance(source, MatrixScores) else TWO_PASSES
-    return TWO_PASSES  # the one-product path is switched on in the next step
+    matrix_bytes = source.num_images * source.num_texts * torch.finfo(torch.float32).bits // 8
+    return ONE_PRODUCT if matrix_bytes <= max_memory else TWO_PASSES
 
 
 def plan_tasks(
@@ -118,6 +119,11 @@ def run_tasks(
         block = block_of(task, space)
         return [rank(block, task.rows.start, piece, task, space) for piece in task.pieces()]
 
+    def rank_held_columns(task: Task, matrix: torch.Tensor) -> list:
+        # one transposed copy per piece: the ranking then reads it from the cache
+        space = workspace()
+        return [rank(_held_columns(matrix, piece, space), piece.start, piece, task, space) for piece in task.pieces()]
+
     with single_cpu_thread(device), ThreadPoolExecutor(max_workers=num_workers) as pool:
         if path != ONE_PRODUCT:
             futures = [pool.submit(score_and_rank, task, lambda t, s: _computed_rows(source, t, s)) for task in tasks]
@@ -129,7 +135,7 @@ def run_tasks(
         # the i2t tasks cover every image row: when they are done, the whole matrix is held
         futures = [pool.submit(score_and_rank, task, lambda t, s: _held_rows(source, matrix, t)) for task in i2t]
         done = [future.result() for future in futures]  # the barrier between the directions
-        futures = [pool.submit(score_and_rank, task, lambda t, s: _held_columns(matrix, t, s)) for task in t2i]
+        futures = [pool.submit(rank_held_columns, task, matrix) for task in t2i]
         yield from zip(i2t, done)
         yield from zip(t2i, (future.result() for future in futures))
 
@@ -154,8 +160,8 @@ def _held_rows(source: ScoreSource, matrix: torch.Tensor, task: Task) -> torch.T
     return rows
 
 
-def _held_columns(matrix: torch.Tensor, task: Task, workspace: Workspace) -> torch.Tensor:
-    """One product: the task's captions as rows, a transposed copy of the held matrix's columns."""
-    shape = (len(task.rows), matrix.shape[0])
+def _held_columns(matrix: torch.Tensor, captions: range, workspace: Workspace) -> torch.Tensor:
+    """One product: captions as rows, a transposed copy of the held matrix's columns."""
+    shape = (len(captions), matrix.shape[0])
     out = workspace.get("block", shape[0] * shape[1], matrix.dtype, matrix.device).view(shape)
-    return out.copy_(matrix[:, task.rows.start : task.rows.stop].t())
+    return out.copy_(matrix[:, captions.start : captions.stop].t())
