@@ -89,3 +89,21 @@ def test_evaluate_retrieval_equals_reference_metrics(use_kernel, monkeypatch):
     assert set(expected) <= set(result)
     for key, value in expected.items():
         assert result[key] == pytest.approx(value, abs=1e-9), key
+
+
+# ---------------------------------------------------------------------------- the PMRP level table
+@pytest.mark.parametrize("categories", [3, 64, 130])  # one word, exactly one, three words
+def test_level_table_equals_hamming_by_loops(categories):
+    from hf_pcme.metrics import level_kernel
+
+    g = torch.Generator().manual_seed(categories)
+    labels = (torch.rand(30, categories, generator=g) < 0.3).float()
+    labels[4] = 0  # an image without labels
+    labelled = labels.sum(1) > 0
+    max_zeta = 2
+    table = level_kernel.levels_table(labels, labelled, max_zeta)
+    for i in range(30):
+        for j in range(30):
+            hamming = int((labels[i] != labels[j]).sum())
+            expected = min(hamming, max_zeta + 1) if labelled[j] else max_zeta + 2
+            assert int(table[i, j]) == expected, (i, j)

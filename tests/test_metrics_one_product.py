@@ -34,7 +34,10 @@ def random_embeddings(num_images: int, captions: int, dim: int, seed: int):
     text_to_image = torch.arange(num_images).repeat_interleave(captions)
     images = F.normalize(torch.randn(num_images, dim, generator=g), dim=-1)
     texts = F.normalize(images[text_to_image] + torch.randn(text_to_image.numel(), dim, generator=g), dim=-1)
-    log_sigma2 = (torch.randn(num_images, dim, generator=g) - 3, torch.randn(text_to_image.numel(), dim, generator=g) - 3)
+    log_sigma2 = (
+        torch.randn(num_images, dim, generator=g) - 3,
+        torch.randn(text_to_image.numel(), dim, generator=g) - 3,
+    )
     labels = (torch.rand(num_images, 8, generator=g) < 0.3).float()
     return images, texts, log_sigma2, text_to_image, labels
 
@@ -96,7 +99,11 @@ def test_the_budget_chooses_the_path(monkeypatch):
     assert score_path(source, matrix_bytes - 1) == TWO_PASSES
     caption_side_products = []
     original = CosineScorer.text_rows
-    monkeypatch.setattr(CosineScorer, "text_rows", lambda self, *a, **k: caption_side_products.append(1) or original(self, *a, **k))
+    def counted(self, *args, **kwargs):
+        caption_side_products.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(CosineScorer, "text_rows", counted)
     evaluate_retrieval(image_embeds=images, text_embeds=texts, text_to_image=text_to_image, max_memory=matrix_bytes)
     assert caption_side_products == []  # one product: t2i ranked from the held matrix
     evaluate_retrieval(image_embeds=images, text_embeds=texts, text_to_image=text_to_image, max_memory=matrix_bytes - 1)

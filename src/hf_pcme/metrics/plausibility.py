@@ -15,8 +15,10 @@ from typing import Any
 
 import torch
 
+from . import level_kernel
 from .layout import Layout
 from .rank_types import PlausibilityLevels
+from .ranking import single_cpu_thread
 from .scorers import as_tensor
 
 #: Largest PMRP zeta: plausibility levels (up to zeta + 2) are stored as int8.
@@ -52,11 +54,15 @@ class Plausibility:
     def image_table(self) -> torch.Tensor | None:
         """Levels of every image pair, int8 ``(N, N)``, computed once (``None`` past ``table_images``)."""
         if self._table is None and self.relation is None and self.layout.num_images <= self.table_images:
+            if self.labels is not None and self.labels.device.type == "cpu" and level_kernel.available():
+                self._table = level_kernel.levels_table(self.labels, self.labelled, self.max_zeta)
+                return self._table
             num_images = self.layout.num_images
             table = torch.empty((num_images, num_images), dtype=torch.int8, device=self.labelled.device)
-            for start in range(0, num_images, 1024):
-                images = torch.arange(start, min(start + 1024, num_images), device=table.device)
-                table[start : start + images.numel()] = self._image_levels(images, 0, num_images)
+            with single_cpu_thread(table.device):  # element-wise passes: one thread (see ranking.py)
+                for start in range(0, num_images, 256):
+                    images = torch.arange(start, min(start + 256, num_images), device=table.device)
+                    table[start : start + images.numel()] = self._image_levels(images, 0, num_images)
             self._table = table
         return self._table
 

@@ -273,16 +273,21 @@ class _RelevanceSources:
         )
 
 
-def _evaluate(source: ScoreSource, sources: _RelevanceSources, options: RetrievalOptions, per_query) -> dict[str, float]:
+def _evaluate(
+    source: ScoreSource, sources: _RelevanceSources, options: RetrievalOptions, per_query: dict | None
+) -> dict[str, float]:
     """Rank every task and average the per-query values."""
     layout, plausible, ks = sources.layout, sources.plausible, options.ks
     coco = options.protocol == "coco"
     path = score_path(source, int(options.max_memory))
     logger.debug("evaluate_retrieval: %d x %d scores, %s", source.num_images, source.num_texts, path)
     cpu = source.device.type == "cpu"
-    tasks = plan_tasks(
-        layout, options.chunk_size, coco, CPU_CHUNK_ELEMENTS if cpu else BLOCK_ELEMENTS, SUB_BLOCK_ELEMENTS
-    )
+    if options.num_workers is not None:
+        workers = max(1, int(options.num_workers))
+    else:
+        workers = min(MAX_CPU_WORKERS, torch.get_num_threads()) if cpu else 1
+    block_elements = CPU_CHUNK_ELEMENTS if cpu else BLOCK_ELEMENTS
+    tasks = plan_tasks(layout, options.chunk_size, coco, block_elements, SUB_BLOCK_ELEMENTS, workers)
     if plausible is not None:
         plausible.image_table()  # shared by the workers: built once, before them
     rows_of_query = {"i2t": None, "t2i": None if layout.order is None else layout.order.cpu().numpy()}
@@ -292,8 +297,6 @@ def _evaluate(source: ScoreSource, sources: _RelevanceSources, options: Retrieva
     def rank(block, block_start, rows, task, workspace):
         return sources.rank(block, block_start, rows, task, workspace, ks)
 
-    workers = options.num_workers
-    workers = max(1, int(workers)) if workers is not None else (min(MAX_CPU_WORKERS, torch.get_num_threads()) if cpu else 1)
     for task, ranked in run_tasks(source, tasks, rank, workers, path):  # in task order: sums independent of timing
         for piece, (ranks, fold_ranks) in zip(task.pieces(), ranked):
             accumulate(means, ranks, "", 0, task.direction, ks, plausible)

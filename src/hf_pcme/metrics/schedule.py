@@ -3,23 +3,26 @@
 The metrics of both directions need every score twice: as rows of the ``(num_images, num_texts)``
 matrix (i2t: images as queries) and as its columns (t2i: captions as queries).
 
-- **One product** (the matrix fits ``max_memory``; scorers that compute an inner product):
-  the matrix is computed once, in blocks of image rows; each block is ranked for i2t as soon as
-  it is written (still in cache), and once every block is in, the t2i blocks are transposed
-  copies of column ranges of the held matrix. Cost: one matrix product plus the ranking.
-- **Two passes** (otherwise, and for the sampled scorer, whose two orientations are not the same
-  floating-point computation): every block is computed where it is ranked, from the image side
+- **One product** (the float32 matrix fits ``max_memory``; scorers that compute an inner
+  product): the matrix is computed once, by one matrix product with torch's threads (the bare
+  matmul itself), then every chunk of queries is only ranked: i2t chunks are row ranges of the
+  held matrix, t2i pieces transposed copies of its column ranges (a few MB each, ranked while
+  in cache). Cost: one matrix product plus the ranking.
+- **Two passes** (otherwise, and for the sampled scorer, whose two orientations are different
+  floating-point computations): every chunk is computed where it is ranked, from the image side
   for i2t and from the caption side for t2i, so the matrix is never held. Cost: two products.
 
-Both give the same metrics: the i2t blocks are the same products, and a t2i block of the two-pass
-path (``captions[rows] @ images.T``) holds the same float32 values as the transposed columns of
-``images @ captions.T`` (both are dot products over the same ``D`` dimensions in the same order;
-the tests compare the two paths exactly, and each with the definitions).
+Both give the same metrics when the BLAS sums each dot product in the same order whatever the
+shape and orientation of the product, which MKL (torch's CPU BLAS) does except for products of
+only a few rows (the chunking never makes those: no small last chunk).
+tests/test_metrics_one_product.py compares the paths exactly (and with embeddings whose dot
+products are exact in any order, which pins the ranking logic whatever the BLAS). On GPU, cuBLAS
+picks its kernels by shape, so the paths may differ in a score's last bit (not checked here: no
+GPU in the test environment), which can move a metric only where two scores tie within that bit.
 
-On CPU each task (a chunk of query rows) is scored and ranked on one worker thread with torch on
-one CPU thread (see :mod:`hf_pcme.metrics.ranking`), so chunks balance across cores with no
-barrier between products and ranking; the one-product path has one barrier, between the
-directions. On GPU: one worker, large blocks for the matrix product.
+On CPU each chunk is scored (two passes) and ranked on one worker thread with torch on one CPU
+thread (see :mod:`hf_pcme.metrics.ranking`), so chunks balance across cores with no barrier.
+On GPU: one worker, large blocks for the matrix product.
 """
 
 from __future__ import annotations
@@ -50,7 +53,9 @@ class Task:
     fold_columns: tuple[int, int] | None
 
     def pieces(self) -> list[range]:
-        return [range(s, min(s + self.sub_rows, self.rows.stop)) for s in range(self.rows.start, self.rows.stop, self.sub_rows)]
+        """The rows in pieces of ``sub_rows`` (the last one may be shorter)."""
+        starts = range(self.rows.start, self.rows.stop, self.sub_rows)
+        return [range(start, min(start + self.sub_rows, self.rows.stop)) for start in starts]
 
 
 def score_path(source: ScoreSource, max_memory: int) -> str:
@@ -63,29 +68,46 @@ def score_path(source: ScoreSource, max_memory: int) -> str:
 
 
 def plan_tasks(
-    layout: Layout, chunk_size: int | None, coco: bool, block_elements: int, sub_block_elements: int
+    layout: Layout, chunk_size: int | None, coco: bool, block_elements: int, sub_block_elements: int, workers: int = 1
 ) -> list[Task]:
     """Every chunk of both directions, in a fixed order (i2t first): the sums do not depend on timing.
 
     A chunk (the rows one worker scores at once) holds about ``block_elements`` scores, or
-    ``chunk_size`` rows; it is ranked in pieces of about ``sub_block_elements`` scores.
+    ``chunk_size`` rows; it is ranked in pieces of about ``sub_block_elements`` scores. Large
+    chunks are split so that each direction has a multiple of ``workers`` tasks: a last round
+    with fewer tasks than workers would leave cores idle.
     """
     tasks = []
     for direction in DIRECTIONS:
         num_items = layout.num_texts if direction == "i2t" else layout.num_images
         block_rows = int(chunk_size) if chunk_size else max(1, block_elements // num_items)
         sub_rows = max(1, sub_block_elements // num_items)
+        multiple = layout.group_size if direction == "t2i" and layout.group_size else 1
         if direction == "t2i" and layout.group_size and not chunk_size:
             # whole images per piece: their captions then share the plausibility rows (see ranking.py)
-            block_rows = max(1, block_rows // layout.group_size) * layout.group_size
-            sub_rows = max(1, sub_rows // layout.group_size) * layout.group_size
-        multiple = layout.group_size if direction == "t2i" else 1
-        for fold, (query_range, item_range) in enumerate(layout.fold_ranges(direction)):
+            block_rows = max(1, block_rows // multiple) * multiple
+            sub_rows = max(1, sub_rows // multiple) * multiple
+        folds = layout.fold_ranges(direction)
+        if not chunk_size:
+            block_rows = _balanced_rows(folds, block_rows, workers, multiple, min_rows=sub_rows)
+        for fold, (query_range, item_range) in enumerate(folds):
             size = even_chunk(query_range[1] - query_range[0], block_rows, multiple)
             for start in range(query_range[0], query_range[1], size):
                 rows = range(start, min(start + size, query_range[1]))
                 tasks.append(Task(direction, fold, rows, sub_rows, item_range if coco else None))
     return tasks
+
+
+def _balanced_rows(folds, block_rows: int, workers: int, multiple: int, min_rows: int) -> int:
+    """``block_rows``, lowered so that the chunks of all folds are a multiple of ``workers`` (if the
+    chunks keep at least ``min_rows`` rows, one ranking piece: smaller products lose speed)."""
+    fold_rows = max(end - start for (start, end), _ in folds)
+    chunks = -(-fold_rows // block_rows) * len(folds)
+    if workers <= 1 or chunks % workers == 0:
+        return block_rows
+    per_fold = -(-(-(-chunks // workers) * workers) // len(folds))
+    rows = -(-(-(-fold_rows // per_fold)) // multiple) * multiple
+    return rows if rows >= min_rows else block_rows
 
 
 def even_chunk(num_rows: int, max_rows: int, multiple: int | None) -> int:
@@ -114,30 +136,41 @@ def run_tasks(
             local.workspace = Workspace()
         return local.workspace
 
-    def score_and_rank(task: Task, block_of: Callable[[Task, Workspace], torch.Tensor]) -> list:
+    def score_and_rank(task: Task) -> list:
         space = workspace()
-        block = block_of(task, space)
+        block = _computed_rows(source, task, space)
         return [rank(block, task.rows.start, piece, task, space) for piece in task.pieces()]
 
-    def rank_held_columns(task: Task, matrix: torch.Tensor) -> list:
-        # one transposed copy per piece: the ranking then reads it from the cache
+    def rank_held(task: Task, matrix: torch.Tensor) -> list:
         space = workspace()
+        if task.direction == "i2t":
+            return [rank(matrix, 0, piece, task, space) for piece in task.pieces()]
+        # t2i: one transposed copy per piece, which the ranking then reads from the cache
         return [rank(_held_columns(matrix, piece, space), piece.start, piece, task, space) for piece in task.pieces()]
 
-    with single_cpu_thread(device), ThreadPoolExecutor(max_workers=num_workers) as pool:
-        if path != ONE_PRODUCT:
-            futures = [pool.submit(score_and_rank, task, lambda t, s: _computed_rows(source, t, s)) for task in tasks]
+    if path == ONE_PRODUCT:
+        # the whole matrix first, as the bare matmul (torch's threads); then every task only ranks
+        matrix = _held_matrix(source, tasks)
+        with single_cpu_thread(device), ThreadPoolExecutor(max_workers=num_workers) as pool:
+            futures = [pool.submit(rank_held, task, matrix) for task in tasks]
             yield from zip(tasks, (future.result() for future in futures))
-            return
-        matrix = torch.empty((source.num_images, source.num_texts), dtype=torch.float32, device=device)
-        i2t = [task for task in tasks if task.direction == "i2t"]
-        t2i = [task for task in tasks if task.direction == "t2i"]
-        # the i2t tasks cover every image row: when they are done, the whole matrix is held
-        futures = [pool.submit(score_and_rank, task, lambda t, s: _held_rows(source, matrix, t)) for task in i2t]
-        done = [future.result() for future in futures]  # the barrier between the directions
-        futures = [pool.submit(rank_held_columns, task, matrix) for task in t2i]
-        yield from zip(i2t, done)
-        yield from zip(t2i, (future.result() for future in futures))
+        return
+    with single_cpu_thread(device), ThreadPoolExecutor(max_workers=num_workers) as pool:
+        futures = [pool.submit(score_and_rank, task) for task in tasks]
+        yield from zip(tasks, (future.result() for future in futures))
+
+
+def _held_matrix(source: InnerProductScorer, tasks: list[Task]) -> torch.Tensor:
+    """One product: the whole ``(num_images, num_texts)`` float32 matrix, written in place."""
+    matrix = torch.empty((source.num_images, source.num_texts), dtype=torch.float32, device=source.device)
+    if not source.polysemous:
+        _held_rows(source, matrix, range(source.num_images))
+        return matrix
+    # K x K best pair: the product of K * rows x K * texts vectors is K^2 times a block; in chunks
+    for task in tasks:
+        if task.direction == "i2t":
+            _held_rows(source, matrix, task.rows)
+    return matrix
 
 
 def _computed_rows(source: ScoreSource, task: Task, workspace: Workspace) -> torch.Tensor:
@@ -149,15 +182,14 @@ def _computed_rows(source: ScoreSource, task: Task, workspace: Workspace) -> tor
     return source.image_rows(rows, out=out) if task.direction == "i2t" else source.text_rows(rows, out=out)
 
 
-def _held_rows(source: ScoreSource, matrix: torch.Tensor, task: Task) -> torch.Tensor:
-    """One product: the task's image rows, computed straight into the held matrix."""
-    rows = matrix[task.rows.start : task.rows.stop]
-    block = source.image_rows(slice(task.rows.start, task.rows.stop), out=rows)
+def _held_rows(source: ScoreSource, matrix: torch.Tensor, images: range) -> None:
+    """One product: the scores of the ``images`` rows, computed straight into the held matrix."""
+    rows = matrix[images.start : images.stop]
+    block = source.image_rows(slice(images.start, images.stop), out=rows)
     if block.data_ptr() != rows.data_ptr():  # a scorer that could not write in place (K x K best pair)
         if block.dtype != rows.dtype:
             raise RuntimeError(f"the one-product path holds float32 scores; the scorer returned {block.dtype}.")
         rows.copy_(block)
-    return rows
 
 
 def _held_columns(matrix: torch.Tensor, captions: range, workspace: Workspace) -> torch.Tensor:
