@@ -1,26 +1,30 @@
-"""Benchmark: every retrieval metric at COCO 5K test scale vs the bare score matmul.
+"""Benchmark: every retrieval metric vs the bare score matmul, one product vs two passes, at 3 sizes.
 
-Scale (default): 5,000 images x 25,000 captions (5 each), D = 1024, random embeddings with log
-variances and random 80-d multi-hot labels (COCO-like: one "person" category in 45 % of the
-images, 79 others at 3 %, so ~2.8 labels per image and PMRP's R is in the hundreds/thousands).
-All metrics: Recall@{1,5,10} 1K + 5K, PMRP for zeta 0/1/2 (1K + 5K), R-Precision, MAP@R, both
-directions, via ``hf_pcme.metrics.evaluate_retrieval(..., protocol="coco")``.
+Data: N images x 5N captions, D = 1024, random embeddings with log variances and random 80-d
+multi-hot labels (COCO-like: one "person" category in 45 % of the images, 79 others at 3 %, so
+~2.8 labels per image and PMRP's R is in the hundreds/thousands). N = 1,000, 2,500 and 5,000
+(COCO 5K: 5,000 x 25,000). All metrics: Recall@{1,5,10} 1K + 5K, PMRP for zeta 0/1/2 (1K + 5K),
+R-Precision, MAP@R, both directions, via ``evaluate_retrieval(..., protocol="coco")``.
 
-Per scorer, in a fresh subprocess (so memory is measured honestly):
-  one tiny evaluate_retrieval call (loads the compiled CPU ranking kernel; compiles it, ~9 s,
-  on the first run in a fresh environment; the time is printed), then
-  matmul (5000 x 1024 @ 1024 x 25000), then 5 times: evaluate_retrieval -> matmul;
-  time ratio = median evaluate time / median matmul time (target: <= 3x; timings on a shared
-  2-core machine swing by +-15 % from run to run, hence the alternation and the medians; the
-  ratio of the best times is printed too);
-  extra peak memory = VmHWM during the first evaluate - VmRSS before it, inputs excluded (target: <= 1 GiB).
-The sampled scorer (J = 7) is timed on a slice of rows of each direction and extrapolated
-linearly to the full matrix (its cost is exactly linear in the rows); ``--sampled-full`` runs it
-in full (minutes). The naive reference (full score matrix + a full sort of every row, both
-directions) is timed on a slice too and extrapolated.
+Per size and scorer, in a fresh subprocess (so memory is measured honestly): the compiled ranking
+kernel is loaded first (compiled, ~9 s, on the first run in a fresh environment), then
+``--repeats`` rounds, each timing, in an order that rotates from round to round:
 
-    python benchmarks/bench_metrics.py            # full scale (~3 minutes on 2 cores)
-    python benchmarks/bench_metrics.py --quick    # 1,000 x 5,000, D = 256
+- ``matmul``: ``image_embeds @ text_embeds.T`` (torch's threads), the reference;
+- ``default``: ``evaluate_retrieval`` with the default ``max_memory`` (1 GiB): one product when
+  the matrix fits (it does up to ~7,300 x 36,600 scores), two passes past it;
+- ``two passes``: ``evaluate_retrieval(max_memory=0)``, the matrix computed once per direction.
+
+Printed: each round's ratio (time / that round's matmul), the median of the ratios, the path the
+default took, the extra peak memory of each side (VmHWM during the call - VmRSS before it, inputs
+excluded), and whether both paths gave identical metrics. Timings on a shared machine swing a lot
+(hence the interleaving and the medians of ratios); rerun on a quiet machine with
+
+    OMP_NUM_THREADS=2 python benchmarks/bench_metrics.py            # ~5-10 minutes on 2 cores
+    python benchmarks/bench_metrics.py --quick                      # N = 200, 500, 1,000; D = 256
+    python benchmarks/bench_metrics.py --references                 # + sampled scorer, naive sort
+
+Targets (issue 20): all metrics at COCO 5K <= 1.6x the matmul, extra peak memory <= 1 GiB.
 """
 
 from __future__ import annotations
@@ -33,8 +37,8 @@ import subprocess
 import sys
 import time
 
-REPEATS = 5
-SIZES = {"full": (5000, 5, 1024, 1000), "quick": (1000, 5, 256, 200)}
+SIZES = {"full": ((1000, 2500, 5000), 5, 1024), "quick": ((200, 500, 1000), 5, 256)}
+SIDES = ("matmul", "default", "two passes")
 
 
 def _status(field: str) -> int:
@@ -44,6 +48,11 @@ def _status(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
 
 
 def _reset_peak() -> None:
@@ -78,49 +87,46 @@ def _time_matmul(inputs) -> float:
     return elapsed
 
 
-def run_scorer(size: str, scorer: str) -> dict:
-    """One measurement (runs in its own process)."""
+def run_size(num_images: int, captions: int, dim: int, scorer: str, repeats: int) -> dict:
+    """One size and scorer (runs in its own process): interleaved rounds of the three sides."""
     from hf_pcme.metrics import evaluate_retrieval
+    from hf_pcme.metrics.retrieval import score_source
+    from hf_pcme.metrics.schedule import score_path
 
-    num_images, captions, dim, fold_size = SIZES[size]
     inputs, labels, text_to_image = make_inputs(num_images, captions, dim)
-    # the compiled CPU ranking kernel is built once per environment (cached on disk): load it first
     start = time.perf_counter()
     tiny, tiny_labels, tiny_text_to_image = make_inputs(20, captions, 8)
     evaluate_retrieval(**tiny, scorer=scorer, text_to_image=tiny_text_to_image, image_labels=tiny_labels)
     warm_up = time.perf_counter() - start
-    matmul_runs = [_time_matmul(inputs)]
-    _reset_peak()
-    baseline = _status("VmRSS")
-    runs = []
-    for repeat in range(REPEATS):
-        start = time.perf_counter()
-        results = evaluate_retrieval(
-            **inputs, scorer=scorer, text_to_image=text_to_image, image_labels=labels,
-            protocol="coco", fold_size=fold_size,
-        )  # fmt: skip
-        runs.append(time.perf_counter() - start)
-        if repeat == 0:
-            peak = _status("VmHWM") - baseline
-        matmul_runs.append(_time_matmul(inputs))
-    plausible = (labels.unsqueeze(1) != labels.unsqueeze(0)).sum(-1)[:500]  # R of 500 image queries (images)
-    labelled = labels.sum(1) > 0
-    mean_r = {
-        z: float(((plausible <= z) & labelled).sum(1)[labelled[:500]].float().mean()) * captions for z in (0, 1, 2)
-    }
+    common = {**inputs, "scorer": scorer, "text_to_image": text_to_image, "image_labels": labels,
+              "protocol": "coco", "fold_size": 1000 if num_images % 1000 == 0 else num_images // 5}  # fmt: skip
+    calls = {"matmul": lambda: _time_matmul(inputs), "default": lambda: evaluate_retrieval(**common),
+             "two passes": lambda: evaluate_retrieval(**common, max_memory=0)}  # fmt: skip
+    times = {side: [] for side in SIDES}
+    peaks = {side: 0 for side in SIDES}
+    results = {}
+    for round_index in range(repeats):
+        order = SIDES[round_index % 3 :] + SIDES[: round_index % 3]
+        for side in order:
+            _reset_peak()
+            baseline = _status("VmRSS")
+            start = time.perf_counter()
+            value = calls[side]()
+            times[side].append(time.perf_counter() - start)
+            peaks[side] = max(peaks[side], _status("VmHWM") - baseline)
+            if side != "matmul":
+                results[side] = value
+    ratios = {side: [t / m for t, m in zip(times[side], times["matmul"])] for side in SIDES[1:]}
     return {
-        "scorer": scorer,
-        "seconds": statistics.median(runs),
-        "best_ratio": min(runs) / min(matmul_runs),
-        "runs": runs,
-        "matmul": statistics.median(matmul_runs),
-        "matmul_runs": matmul_runs,
-        "extra_peak_bytes": peak,
-        "warm_up": warm_up,
-        "mean_i2t_R": mean_r,
-        "metrics": {k: results[k] for k in ("i2t_R@1", "1k/t2i_R@10", "i2t_pmrp", "1k/t2i_pmrp", "t2i_map_at_r")},
-        "num_metrics": len(results),
-    }
+        "num_images": num_images, "num_texts": num_images * captions, "dim": dim, "scorer": scorer,
+        "path": score_path(score_source(None, scorer, inputs["image_embeds"], inputs["text_embeds"],
+                                        inputs["image_log_sigma2"], inputs["text_log_sigma2"],
+                                        None, None, 7, None, None, 0), 1 << 30),
+        "times": times, "ratios": ratios, "median_ratio": {side: statistics.median(r) for side, r in ratios.items()},
+        "extra_peak_bytes": peaks, "identical": results["default"] == results["two passes"],
+        "warm_up": warm_up, "num_metrics": len(results["default"]),
+        "metrics": {k: results["default"][k] for k in ("i2t_R@1", "1k/t2i_R@10", "i2t_pmrp", "t2i_map_at_r")},
+    }  # fmt: skip
 
 
 def run_sampled_slice(size: str, full: bool) -> dict:
@@ -129,7 +135,7 @@ def run_sampled_slice(size: str, full: bool) -> dict:
 
     from hf_pcme.metrics import build_scorer, evaluate_retrieval
 
-    num_images, captions, dim, fold_size = SIZES[size]
+    num_images, captions, dim, fold_size = _largest(size)
     inputs, labels, text_to_image = make_inputs(num_images, captions, dim)
     matmul = _time_matmul(inputs)
     kwargs = {"num_samples": 7, "negative_scale": 15.0, "shift": 15.0}
@@ -158,7 +164,7 @@ def run_naive_slice(size: str) -> dict:
     """Naive reference: score rows, then fully sort every row, both directions (slice, extrapolated)."""
     import torch
 
-    num_images, captions, dim, _ = SIZES[size]
+    num_images, captions, dim, _ = _largest(size)
     inputs, _, _ = make_inputs(num_images, captions, dim)
     images, texts = inputs["image_embeds"], inputs["text_embeds"]
     image_rows, text_rows = num_images // 10, num_images * captions // 10
@@ -168,6 +174,11 @@ def run_naive_slice(size: str) -> dict:
     return {"seconds": (time.perf_counter() - start) * 10, "matmul": _time_matmul(inputs)}
 
 
+def _largest(size: str) -> tuple[int, int, int, int]:
+    images, captions, dim = SIZES[size]
+    return images[-1], captions, dim, 1000 if images[-1] % 1000 == 0 else images[-1] // 5
+
+
 def _subprocess(args: list[str]) -> dict:
     out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=False)
     if out.returncode != 0:
@@ -175,17 +186,32 @@ def _subprocess(args: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _print_size(row: dict) -> None:
+    name = f"{row['num_images']} x {row['num_texts']}, D={row['dim']}, {row['scorer']}"
+    print(f"\n{name}: default path = {row['path']}; both paths identical: {'yes' if row['identical'] else 'NO'}; "
+          f"{row['num_metrics']} values; kernel load before timing {row['warm_up']:.1f} s")  # fmt: skip
+    print(f"  matmul seconds: {', '.join(f'{t:.2f}' for t in row['times']['matmul'])}")
+    for side in SIDES[1:]:
+        ratios = ", ".join(f"{r:.2f}" for r in row["ratios"][side])
+        print(f"  {side:10s} ratios {ratios}  median {row['median_ratio'][side]:.2f}x  "
+              f"extra peak {row['extra_peak_bytes'][side] / 2**20:.0f} MiB")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="1,000 images x 5,000 captions, D = 256")
+    parser.add_argument("--quick", action="store_true", help="N = 200, 500, 1,000 images, D = 256")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds per size (default 5)")
+    parser.add_argument("--scorers", default="cosine,csd", help="comma-separated scorers (default cosine,csd)")
+    parser.add_argument("--references", action="store_true", help="also the sampled scorer and a naive full sort")
     parser.add_argument("--sampled-full", action="store_true", help="run the sampled scorer in full (slow)")
     parser.add_argument("--_step", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     size = "quick" if args.quick else "full"
     if args._step:
         kind = args._step[0]
-        if kind == "scorer":
-            result = run_scorer(args._step[1], args._step[2])
+        if kind == "size":
+            num_images, captions, dim, scorer, repeats = args._step[1:]
+            result = run_size(int(num_images), int(captions), int(dim), scorer, int(repeats))
         elif kind == "sampled":
             result = run_sampled_slice(args._step[1], args._step[2] == "full")
         else:
@@ -195,48 +221,38 @@ def main() -> None:
 
     import torch
 
-    num_images, captions, dim, fold_size = SIZES[size]
+    images, captions, dim = SIZES[size]
     print(
-        f"bench_metrics: {num_images} images x {num_images * captions} captions, D = {dim}, 1K folds of {fold_size}; "
+        f"bench_metrics: N x 5N scores for N in {images}, D = {dim}, {args.repeats} interleaved rounds; "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
         f"load average {os.getloadavg()[0]:.2f} (a shared machine makes every timing noisy)"
     )
     rows = []
-    for scorer in ("cosine", "csd"):
-        result = _subprocess(["--_step", "scorer", size, scorer])
-        rows.append(result)
-    sampled = _subprocess(["--_step", "sampled", size, "full" if args.sampled_full else "slice"])
-    naive = _subprocess(["--_step", "naive", size])
-
-    print(f"\n{'what':58s} {'seconds':>8s} {'matmul s':>9s} {'ratio':>6s} {'extra peak':>11s} {'best/best':>9s}")
-    for row in rows:
-        print(
-            f"{'all metrics, ' + row['scorer'] + ' scorer (' + str(row['num_metrics']) + ' values)':58s} "
-            f"{row['seconds']:8.2f} {row['matmul']:9.2f} {row['seconds'] / row['matmul']:5.2f}x "
-            f"{row['extra_peak_bytes'] / 2**20:8.0f} MiB {row['best_ratio']:8.2f}x"
-        )
-    label = "sampled scorer J=7, " + ("scoring only, extrapolated" if sampled.get("extrapolated") else "all metrics")
-    ratio = sampled["seconds"] / sampled["matmul"]
-    print(f"{label:58s} {sampled['seconds']:8.2f} {sampled['matmul']:9.2f} {ratio:5.1f}x")
-    print(
-        f"{'naive: full sort of every row, both dirs (extrapolated)':58s} {naive['seconds']:8.2f} "
-        f"{naive['matmul']:9.2f} {naive['seconds'] / naive['matmul']:5.2f}x"
-    )
-    print("\ntargets: all metrics <= 3x the matmul, extra peak memory <= 1024 MiB")
-    if args.quick:
-        print("  (--quick is a smoke run: at this size the matmul is too small for the targets to apply)")
+    for scorer in args.scorers.split(","):
+        for num_images in images:
+            row = _subprocess(["--_step", "size", str(num_images), str(captions), str(dim), scorer, str(args.repeats)])
+            _print_size(row)
+            rows.append(row)
+    print("\ntarget (issue 20): all metrics at COCO 5K <= 1.6x the matmul, extra peak memory <= 1024 MiB")
     for row in rows if not args.quick else []:
-        ok_time = row["seconds"] <= 3 * row["matmul"]
-        ok_memory = row["extra_peak_bytes"] <= 2**30
-        print(
-            f"  {row['scorer']:7s} time {'OK' if ok_time else 'MISSED'}  memory {'OK' if ok_memory else 'MISSED'}  "
-            f"(evaluate runs {', '.join(f'{t:.2f}' for t in row['runs'])} s; "
-            f"matmul runs {', '.join(f'{t:.2f}' for t in row['matmul_runs'])} s; "
-            f"kernel load/compile before timing {row['warm_up']:.1f} s; "
-            f"mean i2t R for zeta 0/1/2: {', '.join(f'{v:.0f}' for v in row['mean_i2t_R'].values())})"
-        )
-    print(f"  sampled vs cosine: {sampled['seconds'] / rows[0]['seconds']:.1f}x the time of all cosine metrics")
-    print("  values (cosine):", {k: round(v, 2) for k, v in rows[0]["metrics"].items()})
+        if row["num_images"] != images[-1]:
+            continue
+        ratio, peak = row["median_ratio"]["default"], row["extra_peak_bytes"]["default"]
+        print(f"  {row['scorer']:7s} {ratio:.2f}x {'OK' if ratio <= 1.6 else 'MISSED'}, "
+              f"{peak / 2**20:.0f} MiB {'OK' if peak <= 2**30 else 'MISSED'} ({row['path']})")  # fmt: skip
+    if args.quick:
+        print("  (--quick is a smoke run: at these sizes the matmul is too small for the target to apply)")
+    if args.references:
+        _print_references(size, args.sampled_full, rows)
+
+
+def _print_references(size: str, sampled_full: bool, rows: list[dict]) -> None:
+    sampled = _subprocess(["--_step", "sampled", size, "full" if sampled_full else "slice"])
+    naive = _subprocess(["--_step", "naive", size])
+    label = "sampled scorer J=7, " + ("scoring only, extrapolated" if sampled.get("extrapolated") else "all metrics")
+    print(f"\n{label}: {sampled['seconds']:.2f} s = {sampled['seconds'] / sampled['matmul']:.1f}x the matmul")
+    print(f"naive, full sort of every row, both directions (extrapolated): {naive['seconds']:.2f} s = "
+          f"{naive['seconds'] / naive['matmul']:.2f}x the matmul")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -94,7 +94,13 @@ def _rank_rows(
     fold_start, fold_end, item_keys, query_keys, relevant_counts, ks, buckets,
     recall_hits, r_precision, ap_at_r, pmrp, pmrp_valid,
 ):  # fmt: skip
-    """Fill the result arrays for every row of ``scores`` (see :func:`rank_rows` for the layout)."""
+    """Fill the result arrays for every row of ``scores`` (see :func:`rank_rows` for the layout).
+
+    One long function on purpose: numba compiles it as one loop nest whose scratch arrays are
+    allocated once for all rows and stay in cache; splitting the per-row steps into compiled
+    helpers would pass a dozen arrays per call and per row (the steps are numbered as in the
+    module docstring).
+    """
     num_rows, num_items = scores.shape
     num_views = 2 if fold_end >= 0 else 1
     num_names = item_keys.shape[0]
