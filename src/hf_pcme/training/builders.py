@@ -34,6 +34,7 @@ _CONFIG_FIELDS = (
     "init_shift",
     "match_function",
     "init_log_sigma2",
+    "ranking_score",
 )
 
 

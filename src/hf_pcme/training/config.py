@@ -93,6 +93,7 @@ class ModelRecipe:
     init_shift: float = 15.0
     init_log_sigma2: float | None = None
     match_function: str = "sampled"  # a name in hf_pcme.configuration_pcme.MATCH_FUNCTIONS
+    ranking_score: str | None = None  # PCMEConfig.ranking_score: None = from head_type / match_function
     # IMRAM re-ranker (hf_pcme.training.builders_imram): ``architecture: imram`` trains an IMRAMModel on
     # the towers of the dual encoder in ``pretrained`` (or on new towers); ``imram`` holds IMRAMConfig fields.
     architecture: Literal["pcme", "imram"] = "pcme"
@@ -142,7 +143,7 @@ class TrainRecipe:
     Uncertainty recipes (``hf_pcme.training.augment``, docs/uncertainty.md): ``freeze_uncertainty`` fixes every
     log variance at ``model.init_log_sigma2`` (the "without uncertainty" ablation);
     ``duplicate_caption_positives`` makes captions with identical text positives of each other's
-    images; ``duplicate_caption_inclusion`` does so for the ``prolip`` inclusion term only (the
+    images; ``duplicate_caption_inclusion`` does so for the ``prolip`` / ``infonce_inclusion`` inclusion term only (the
     matching loss keeps its positives); ``mix_batch_ratio`` mixes that fraction of the images (PCME++ mixup / cutmix, soft
     targets); ``partial_caption_ratio`` / ``word_drop_prob`` make word-dropped captions for the
     ``prolip`` inclusion loss; ``uncertainty_lr_multiplier`` scales the learning rate of the
@@ -401,10 +402,10 @@ def _validate_values(recipe: Recipe) -> None:
             raise ValueError(f"Recipe key 'train.{key}' must be in [0, 1], got {getattr(recipe.train, key)}.")
     if not 0.0 <= recipe.train.word_drop_prob < 1.0:
         raise ValueError(f"Recipe key 'train.word_drop_prob' must be in [0, 1), got {recipe.train.word_drop_prob}.")
-    if recipe.train.duplicate_caption_inclusion and recipe.model.loss_type != "prolip":
+    if recipe.train.duplicate_caption_inclusion and recipe.model.loss_type not in ("prolip", "infonce_inclusion"):
         raise ValueError("Recipe key 'train.duplicate_caption_inclusion' acts on the inclusion term of "
-                         f"model.loss_type 'prolip', but the loss is {recipe.model.loss_type!r}: use loss_type "
-                         "prolip or remove the key.")
+                         f"model.loss_type 'prolip' or 'infonce_inclusion', but the loss is {recipe.model.loss_type!r}: "
+                         "use one of those or remove the key.")
     if recipe.train.freeze_uncertainty and recipe.model.head_type != "probabilistic":
         raise ValueError("Recipe key 'train.freeze_uncertainty' needs model.head_type 'probabilistic' "
                          f"(a {recipe.model.head_type!r} head has no variance).")
