@@ -172,3 +172,54 @@ def test_decoupled_recipe_loads_with_duplicate_caption_inclusion():
     recipe = load_recipe(REPO / "configs" / "shapes_infonce_dupincl.yaml")
     assert recipe.model.loss_type == "infonce_inclusion" and recipe.model.ranking_score == "cosine"
     assert recipe.train.duplicate_caption_inclusion
+
+
+def _log_sigma2_gradients(**kwargs) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    image_mean, image_log, text_mean, text_log, _, _, positives, included = _setup()
+    image_leaf, text_leaf = image_log.clone().requires_grad_(), text_log.clone().requires_grad_()
+    loss = build_loss("infonce_inclusion", **kwargs)
+    output = loss(ProbabilisticEmbedding(mean=image_mean, log_sigma2=image_leaf),
+                  ProbabilisticEmbedding(mean=text_mean, log_sigma2=text_leaf), positives,
+                  negative_scale=torch.tensor(3.0, dtype=torch.float64), shift=torch.tensor(2.0, dtype=torch.float64),
+                  inclusion_mask=included)
+    output.loss.backward()
+    return image_leaf.grad, text_leaf.grad
+
+
+def test_untrained_inner_variance_fits_only_the_outer_gaussian():
+    image_grad, text_grad = _log_sigma2_gradients(vib_beta=0.0, calibration_weight=0.0, partial_inclusion_weight=0.0,
+                                                  image_inclusion_weight=1.0, gamma=2.0, train_inner_variance=False)
+    assert image_grad is None  # the images are the inner items: only the captions' variances learn
+    image_mean, image_log, text_mean, text_log, _, _, _, included = _setup()
+    pairs = [(i, j) for i in range(3) for j in range(3) if included[i, j]]
+    for j in range(3):
+        for d in range(DIM):
+            # d/d log sigma_t^2 of 1/2 [log s + g / s], s = sigma_v^2 / gamma + sigma_t^2, averaged over pairs and D
+            expected = 0.0
+            for i, jj in pairs:
+                if jj != j:
+                    continue
+                var_t = math.exp(float(text_log[j, d]))
+                s = math.exp(float(image_log[i, d])) / 2.0 + var_t
+                g = float(image_mean[i, d] - text_mean[j, d]) ** 2
+                expected += 0.5 * (1 / s - g / s**2) * var_t / (len(pairs) * DIM)
+            assert text_grad[j, d].item() == pytest.approx(expected, rel=1e-6, abs=1e-12)
+
+
+def test_calibration_trains_variances_sends_the_platt_gradient_into_them():
+    frozen = _log_sigma2_gradients(vib_beta=0.0, image_inclusion_weight=0.0, partial_inclusion_weight=0.0)
+    assert frozen == (None, None)
+    image_grad, text_grad = _log_sigma2_gradients(vib_beta=0.0, image_inclusion_weight=0.0, partial_inclusion_weight=0.0,
+                                                  calibration_trains_variances=True)
+    image_mean, image_log, text_mean, text_log, _, _, positives, included = _setup()
+    for j in range(3):
+        for d in range(DIM):
+            # BCE(sigmoid(-a CSD + b), y): d/d log sigma_t^2 = (p - y) (-a sigma_t^2), mean over the 9 pairs
+            expected = 0.0
+            for i in range(3):
+                csd = float(((image_mean[i] - text_mean[j]) ** 2).sum() + image_log[i].exp().sum() + text_log[j].exp().sum())
+                p = 1 / (1 + math.exp(3.0 * csd - 2.0))
+                y = float(positives[i, j] or included[i, j])
+                expected += (p - y) * -3.0 * math.exp(float(text_log[j, d])) / 9
+            assert text_grad[j, d].item() == pytest.approx(expected, rel=1e-6)
+    assert image_grad.abs().sum() > 0

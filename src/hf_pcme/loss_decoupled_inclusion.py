@@ -38,7 +38,7 @@ class DecoupledInclusionLoss(nn.Module):
           + image_inclusion_weight   * mean over included (i, j) of incl(image_i in text_j)      (variances only)
           + partial_inclusion_weight * mean over rows k of incl(text_k in partial_text_k)        (variances only)
           + vib_beta * [KL(N(mu_v, sigma_v^2) || N(0, I)) + KL(text)]                (variances only)
-          + calibration_weight * BCE(sigmoid(-a CSD(v_i, t_j) + b), y_ij)            (a and b only)
+          + calibration_weight * BCE(sigmoid(-a CSD(v_i, t_j) + b), y_ij)            (a and b; see below)
 
     with ``incl`` = :func:`~.loss_inclusion.inclusion_loss` and every term but InfoNCE computed on
     detached means, so the means get exactly the deterministic baseline's gradient (the towers
@@ -48,7 +48,7 @@ class DecoupledInclusionLoss(nn.Module):
     positive or an included pair. The calibration term is Platt scaling learnt on the fly: it
     fits only ``a`` and ``b`` of the match probability ``p = sigmoid(-a CSD + b)`` (PCME++'s) on
     detached embeddings, so ``p`` stays a calibrated probability without pulling on the
-    representation. A model trained with this loss should rank by the cosine of its means
+    representation (``calibration_trains_variances`` lets it train the variances too). A model trained with this loss should rank by the cosine of its means
     (``ranking_score: cosine`` in its config), the score InfoNCE trained.
 
     Departures: ProLIP trains means and variances jointly with its sigmoid CSD loss, and its
@@ -62,6 +62,14 @@ class DecoupledInclusionLoss(nn.Module):
         gamma: sharpening of the inner Gaussian in the inclusion measure.
         vib_beta: weight of the KL to the standard normal (variances only).
         calibration_weight: weight of the Platt term on ``a`` and ``b`` (0: they keep their initial values).
+        train_inner_variance: ``False`` detaches the inner item's variance in the inclusion terms (the
+            image's in "image in caption", the full caption's in "caption in word-dropped caption"),
+            so each Gaussian is fitted to the means it must include and cannot shrink its share by
+            widening what it includes. Measured on shapes (docs/uncertainty.md): with it trained and
+            nothing else holding the image variances, they grow and absorb the gap.
+        calibration_trains_variances: the Platt term also trains the variances (PCME++'s matching
+            loss on the variances, the means still fixed), as in ProLIP, whose matching loss holds
+            every variance down.
         init_logit_scale, max_logit_scale: InfoNCE's temperature, as :class:`~.loss_infonce.InfoNCELoss`.
     """
 
@@ -74,6 +82,8 @@ class DecoupledInclusionLoss(nn.Module):
         gamma: float = 10.0,
         vib_beta: float = 1e-4,
         calibration_weight: float = 1.0,
+        train_inner_variance: bool = True,
+        calibration_trains_variances: bool = False,
         init_logit_scale: float = math.log(1 / 0.07),
         max_logit_scale: float = 100.0,
     ):
@@ -91,11 +101,15 @@ class DecoupledInclusionLoss(nn.Module):
         self.gamma = gamma
         self.vib_beta = vib_beta
         self.calibration_weight = calibration_weight
+        self.train_inner_variance = train_inner_variance
+        self.calibration_trains_variances = calibration_trains_variances
 
     def extra_repr(self) -> str:
         return (f"image_inclusion_weight={self.image_inclusion_weight}, "
                 f"partial_inclusion_weight={self.partial_inclusion_weight}, gamma={self.gamma}, "
-                f"vib_beta={self.vib_beta}, calibration_weight={self.calibration_weight}")
+                f"vib_beta={self.vib_beta}, calibration_weight={self.calibration_weight}, "
+                f"train_inner_variance={self.train_inner_variance}, "
+                f"calibration_trains_variances={self.calibration_trains_variances}")
 
     def reset_parameters(self) -> None:
         self.infonce.reset_parameters()
@@ -126,15 +140,17 @@ class DecoupledInclusionLoss(nn.Module):
         terms.update(inclusion_terms(
             image, text, mask, inclusion_mask, partial_text, partial_source,
             image_inclusion_weight=self.image_inclusion_weight, partial_inclusion_weight=self.partial_inclusion_weight,
-            gamma=self.gamma, detach_means=True, loss_name=name))
+            gamma=self.gamma, detach_means=True, loss_name=name, detach_inner_variance=not self.train_inner_variance))
         if self.vib_beta:
             kl = (gaussian_kl_to_standard_normal(image_mean.detach(), image_log_sigma2).mean()
                   + gaussian_kl_to_standard_normal(text_mean.detach(), text_log_sigma2).mean())
             terms["vib"] = self.vib_beta * kl
         if self.calibration_weight:
             a, b = match_parameters(negative_scale, shift, name)
-            detached = [ProbabilisticEmbedding(mean=mean.detach().float(), log_sigma2=log_sigma2.detach().float())
-                        for mean, log_sigma2 in ((image_mean, image_log_sigma2), (text_mean, text_log_sigma2))]
+            detached = [ProbabilisticEmbedding(
+                mean=mean.detach().float(),
+                log_sigma2=(log_sigma2 if self.calibration_trains_variances else log_sigma2.detach()).float())
+                for mean, log_sigma2 in ((image_mean, image_log_sigma2), (text_mean, text_log_sigma2))]
             logits = a * CSDScore().pairwise(*detached) + b  # CSDScore is -CSD
             targets = mask if inclusion_mask is None else mask | inclusion_mask
             terms["calibration"] = self.calibration_weight * F.binary_cross_entropy_with_logits(

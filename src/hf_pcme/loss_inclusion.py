@@ -76,14 +76,20 @@ def inclusion_terms(
     gamma: float,
     detach_means: bool,
     loss_name: str,
+    detach_inner_variance: bool = False,
 ) -> dict[str, torch.Tensor]:
     """ProLIP's two inclusion terms, ``{"image_inclusion": ..., "partial_inclusion": ...}`` (those that apply).
 
     ``image_inclusion_weight * mean over included pairs (i, j) of incl(image_i in text_j)`` (pairs:
     ``inclusion_mask``, else ``positive_mask``) and ``partial_inclusion_weight * mean over rows k of
     incl(partial_source_k in partial_text_k)``, with ``incl`` = :func:`inclusion_loss`; with
-    ``detach_means`` only the variances get their gradient.
+    ``detach_means`` only the variances get their gradient; with ``detach_inner_variance`` only the
+    outer (including) item's variance does: each Gaussian is fitted to what it must include.
     """
+
+    def inner_log_sigma2(embedding: ProbabilisticEmbedding, name: str) -> torch.Tensor:
+        log_sigma2 = require_log_sigma2(embedding, name, loss_name)
+        return log_sigma2.detach() if detach_inner_variance else log_sigma2
 
     def mean_of(embedding: ProbabilisticEmbedding, name: str) -> torch.Tensor:
         mean = require_single_mean(embedding, name, loss_name)
@@ -96,7 +102,7 @@ def inclusion_terms(
             inclusion_mask, image_mean.shape[0], text_mean.shape[0], image_mean.device)
         rows, columns = included.nonzero(as_tuple=True)
         if rows.numel():
-            incl = inclusion_loss(image_mean[rows], require_log_sigma2(image, "image", loss_name)[rows],
+            incl = inclusion_loss(image_mean[rows], inner_log_sigma2(image, "image")[rows],
                                   text_mean[columns], require_log_sigma2(text, "text", loss_name)[columns], gamma)
             terms["image_inclusion"] = image_inclusion_weight * incl.mean()
     if partial_inclusion_weight and partial_text is not None:
@@ -108,7 +114,7 @@ def inclusion_terms(
             raise ValueError(f"partial_text {tuple(outer_mean.shape)} and partial_source "
                              f"{tuple(inner_mean.shape)} must have the same shape (one row per caption).")
         if inner_mean.shape[0]:
-            incl = inclusion_loss(inner_mean, require_log_sigma2(partial_source, "partial_source", loss_name),
+            incl = inclusion_loss(inner_mean, inner_log_sigma2(partial_source, "partial_source"),
                                   outer_mean, require_log_sigma2(partial_text, "partial_text", loss_name), gamma)
             terms["partial_inclusion"] = partial_inclusion_weight * incl.mean()
     return terms
