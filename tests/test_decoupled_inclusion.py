@@ -163,9 +163,11 @@ def test_ranking_score_cosine_ranks_by_the_means_and_keeps_the_csd_match_probabi
     assert default_score(tiny_pcme_config(match_function="csd")) == "csd"  # unset: derived as before
 
 
-def test_ranking_score_must_name_a_score():
+def test_ranking_score_must_name_a_score_the_head_can_give():
     with pytest.raises(ValueError, match="ranking_score"):
         PCMEConfig(ranking_score="dot")
+    with pytest.raises(ValueError, match="head_type 'polysemous'"):
+        PCMEConfig(ranking_score="cosine", head_type="polysemous")
 
 
 def test_decoupled_recipe_loads_with_duplicate_caption_inclusion():

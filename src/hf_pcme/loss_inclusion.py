@@ -50,10 +50,11 @@ def inclusion_loss(
     whatever the caption). As ``gamma -> inf`` it is the Gaussian negative log likelihood of
     ``mu_1`` under ``Z_2``; ``gamma = 1`` is the symmetric expected-likelihood kernel.
 
-    Departures: ProLIP's code (naver-ai/prolip) was not available to this implementation; the
-    closed form above is derived here from the measure described in the paper, so constants,
-    the exact normalisation and the default ``gamma`` may differ from the published loss. The
-    mean over dimensions (not the sum) keeps the weight independent of D.
+    Departures: this closed form is derived from the measure the paper describes. ProLIP's
+    released loss (naver-ai/prolip, ``src/prolip/loss.py``) is instead a sigmoid of the difference
+    of two inclusion tests, ``test(1 in 2) - test(2 in 1)`` (an ordering: the outer is wider and
+    contains the inner), so this is not the published loss. The mean over dimensions (not the
+    sum) keeps the weight independent of D.
 
     Returns:
         ``(N,)`` losses of the ``N`` row pairs ``(inner_i, outer_i)``.

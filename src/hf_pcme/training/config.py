@@ -93,7 +93,7 @@ class ModelRecipe:
     init_shift: float = 15.0
     init_log_sigma2: float | None = None
     match_function: str = "sampled"  # a name in hf_pcme.configuration_pcme.MATCH_FUNCTIONS
-    ranking_score: str | None = None  # PCMEConfig.ranking_score: None = from head_type / match_function
+    ranking_score: str | None = None  # PCMEConfig.ranking_score: None = from head_type / match_function, or cosine
     # IMRAM re-ranker (hf_pcme.training.builders_imram): ``architecture: imram`` trains an IMRAMModel on
     # the towers of the dual encoder in ``pretrained`` (or on new towers); ``imram`` holds IMRAMConfig fields.
     architecture: Literal["pcme", "imram"] = "pcme"
