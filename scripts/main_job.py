@@ -4,8 +4,9 @@
         [--update-readme] [--num-threads 2] [key=value ...]
 
 1. trains PCME (``configs/shapes_pcme.yaml``), PCME++ (``configs/shapes_pcmepp.yaml``: CSD loss
-   with pseudo-positives), the ProLIP-style inclusion recipe (``configs/shapes_prolip_dupincl.yaml``:
-   PCME++ plus "image inside caption" and "caption inside word-dropped caption" inclusion terms,
+   with pseudo-positives), the decoupled inclusion recipe (``configs/shapes_infonce_dupincl.yaml``:
+   the means trained by the baseline's InfoNCE and ranked by their cosine, the variances only by
+   ProLIP-style "image inside caption" and "caption inside word-dropped caption" inclusion terms,
    where a caption must include every image whose training caption has the same text;
    docs/uncertainty.md)
    and the deterministic baseline (``configs/shapes_deterministic.yaml``), all with the same towers,
@@ -43,7 +44,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RECIPES = {
     "pcme": REPO_ROOT / "configs/shapes_pcme.yaml",
     "pcme++": REPO_ROOT / "configs/shapes_pcmepp.yaml",
-    "prolip_dupincl": REPO_ROOT / "configs/shapes_prolip_dupincl.yaml",
+    "infonce_dupincl": REPO_ROOT / "configs/shapes_infonce_dupincl.yaml",
     "deterministic": REPO_ROOT / "configs/shapes_deterministic.yaml",
 }
 #: Same towers, data and schedule, with one ingredient removed (``--ablations``).
@@ -53,7 +54,7 @@ ABLATIONS = {
 }
 QUICK_OVERRIDES = ["data.options.num_images=300", "data.options.num_eval_images=60", "train.phase2_epochs=1",
                    "eval.max_images=60"]
-PROBABILISTIC = ("pcme", "pcme++", "prolip_dupincl")
+PROBABILISTIC = ("pcme", "pcme++", "infonce_dupincl")
 TABLE_KEYS = ("i2t_pmrp", "t2i_pmrp", "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "rsum")
 LEVEL_NAMES = {0: "exact", 1: "all shapes, no positions", 2: "kind + colour", 3: "one attribute", 4: "some shapes"}
 

@@ -52,6 +52,7 @@ STUDY_RECIPES = {
     "prolip": "shapes_prolip.yaml",
     "prolip_dedup": "shapes_prolip_dedup.yaml",
     "prolip_dupincl": "shapes_prolip_dupincl.yaml",
+    "infonce_dupincl": "shapes_infonce_dupincl.yaml",
 }
 COLUMNS = ("spearman", "i2t_pmrp", "t2i_pmrp", "mean_pmrp", "rsum", "auroc", "ece")
 

@@ -311,7 +311,8 @@ def test_components_are_detached_terms_that_sum_to_the_loss():
 
 
 def test_only_pcme_losses_use_the_match_parameters():
-    assert {name for name, cls in LOSSES.items() if cls.uses_match_parameters} == {"pcme", "pcme++", "prolip"}
+    assert {name for name, cls in LOSSES.items() if cls.uses_match_parameters} == {"pcme", "pcme++", "prolip",
+                                                                                  "infonce_inclusion"}
 
 
 @pytest.mark.parametrize("name", ["pcme", "pcme++"])

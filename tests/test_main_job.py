@@ -36,13 +36,13 @@ def quick_run(tmp_path_factory):
 def test_reports_every_model_and_the_correlation(quick_run):
     output_dir, stdout = quick_run
     summary = json.loads((output_dir / "results.json").read_text())
-    assert set(summary["metrics"]) == {"pcme", "pcme++", "prolip_dupincl", "deterministic"}
+    assert set(summary["metrics"]) == {"pcme", "pcme++", "infonce_dupincl", "deterministic"}
     assert set(summary["uncertainty_analysis"]) == set(summary["metrics"])
     for metrics in summary["metrics"].values():
         for key in ("i2t_pmrp", "t2i_pmrp", "i2t_R@1", "t2i_R@10"):
             assert 0.0 <= metrics[key] <= 100.0
         assert metrics["rsum"] == pytest.approx(sum(metrics[f"{d}_R@{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)))
-    for name in ("pcme", "pcme++", "prolip_dupincl"):
+    for name in ("pcme", "pcme++", "infonce_dupincl"):
         report = summary["uncertainty_vs_vagueness"][name]
         assert -1.0 <= report["spearman_rho"] <= 1.0
         assert [row["level"] for row in report["levels"]] == [0, 1, 2, 3, 4]

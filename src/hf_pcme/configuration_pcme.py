@@ -23,6 +23,8 @@ BUILTIN_TOWER_CONFIGS: dict[str, type[PreTrainedConfig]] = {
 
 #: How :meth:`PCMEModel.match_probability` turns two Gaussians into a probability.
 MATCH_FUNCTIONS = {"sampled": "PCME Monte-Carlo over J x J samples", "csd": "PCME++ closed-form sampled distance"}
+#: Scores a config may name as ``ranking_score`` instead of the one its head and match function imply.
+RANKING_SCORES = {"cosine": "cosine of the means (a probabilistic head whose means were trained with InfoNCE)"}
 
 
 def resolve_tower_config(name: str, value: PreTrainedConfig | dict | None, default_model_type: str) -> PreTrainedConfig:
@@ -75,6 +77,11 @@ class PCMEConfig(PreTrainedConfig):
             sampling noise swamps the still-similar means and all embeddings collapse.
         match_function: how ``match_probability`` is computed: ``"sampled"`` (PCME, J x J
             sample pairs) or ``"csd"`` (PCME++, ``sigmoid(-a * CSD + b)``).
+        ranking_score: the score the model ranks by (:func:`hf_pcme.scoring.default_score`):
+            ``None`` derives it from ``head_type`` / ``match_function``; ``"cosine"`` (the only
+            other choice) ranks a probabilistic model by the cosine of its means while
+            ``match_probability`` and the variances stay as they are (for means trained with
+            InfoNCE, e.g. loss ``infonce_inclusion``).
         initializer_range: std of the normal initialisation of the heads' linear layers.
         inference_seed: seed of the Monte-Carlo samples drawn in eval mode (``model.eval()``), so
             eval-mode outputs are a function of the inputs and this seed: images draw from a
@@ -99,6 +106,7 @@ class PCMEConfig(PreTrainedConfig):
     init_shift: float = 15.0
     init_log_sigma2: float | None = None
     match_function: str = "sampled"
+    ranking_score: str | None = None
     initializer_range: float = 0.02
     inference_seed: int | None = 0
 
@@ -109,6 +117,11 @@ class PCMEConfig(PreTrainedConfig):
         # head_type and loss_type are checked against their registries when the model is built: the
         # configuration imports no nn code.
         lookup(MATCH_FUNCTIONS, self.match_function, "match_function")
+        if self.ranking_score is not None:
+            lookup(RANKING_SCORES, self.ranking_score, "ranking_score")
+            if self.head_type not in ("probabilistic", "deterministic"):
+                raise ValueError(f"ranking_score {self.ranking_score!r} needs one embedding per item (head_type "
+                                 f"'probabilistic' or 'deterministic'), got head_type {self.head_type!r}; remove it.")
         if not type(self).__module__.startswith("transformers_modules"):
             # A saved folder declares the retrieval pipeline as remote code (for environments without
             # hf_pcme). Where the package is installed its registered pipeline serves the task, and

@@ -50,10 +50,11 @@ def inclusion_loss(
     whatever the caption). As ``gamma -> inf`` it is the Gaussian negative log likelihood of
     ``mu_1`` under ``Z_2``; ``gamma = 1`` is the symmetric expected-likelihood kernel.
 
-    Departures: ProLIP's code (naver-ai/prolip) was not available to this implementation; the
-    closed form above is derived here from the measure described in the paper, so constants,
-    the exact normalisation and the default ``gamma`` may differ from the published loss. The
-    mean over dimensions (not the sum) keeps the weight independent of D.
+    Departures: this closed form is derived from the measure the paper describes. ProLIP's
+    released loss (naver-ai/prolip, ``src/prolip/loss.py``) is instead a sigmoid of the difference
+    of two inclusion tests, ``test(1 in 2) - test(2 in 1)`` (an ordering: the outer is wider and
+    contains the inner), so this is not the published loss. The mean over dimensions (not the
+    sum) keeps the weight independent of D.
 
     Returns:
         ``(N,)`` losses of the ``N`` row pairs ``(inner_i, outer_i)``.
@@ -61,6 +62,63 @@ def inclusion_loss(
     mean_inner, mean_outer = at_least_float32(mean_inner), at_least_float32(mean_outer)
     variance = at_least_float32(log_sigma2_inner).exp() / gamma + at_least_float32(log_sigma2_outer).exp()
     return 0.5 * (variance.log() + (mean_inner - mean_outer).pow(2) / variance).mean(dim=-1)
+
+
+def inclusion_terms(
+    image: ProbabilisticEmbedding,
+    text: ProbabilisticEmbedding,
+    positive_mask: torch.Tensor,
+    inclusion_mask: torch.Tensor | None,
+    partial_text: ProbabilisticEmbedding | None,
+    partial_source: ProbabilisticEmbedding | None,
+    *,
+    image_inclusion_weight: float,
+    partial_inclusion_weight: float,
+    gamma: float,
+    detach_means: bool,
+    loss_name: str,
+    detach_inner_variance: bool = False,
+) -> dict[str, torch.Tensor]:
+    """ProLIP's two inclusion terms, ``{"image_inclusion": ..., "partial_inclusion": ...}`` (those that apply).
+
+    ``image_inclusion_weight * mean over included pairs (i, j) of incl(image_i in text_j)`` (pairs:
+    ``inclusion_mask``, else ``positive_mask``) and ``partial_inclusion_weight * mean over rows k of
+    incl(partial_source_k in partial_text_k)``, with ``incl`` = :func:`inclusion_loss`; with
+    ``detach_means`` only the variances get their gradient; with ``detach_inner_variance`` only the
+    outer (including) item's variance does: each Gaussian is fitted to what it must include.
+    """
+
+    def inner_log_sigma2(embedding: ProbabilisticEmbedding, name: str) -> torch.Tensor:
+        log_sigma2 = require_log_sigma2(embedding, name, loss_name)
+        return log_sigma2.detach() if detach_inner_variance else log_sigma2
+
+    def mean_of(embedding: ProbabilisticEmbedding, name: str) -> torch.Tensor:
+        mean = require_single_mean(embedding, name, loss_name)
+        return mean.detach() if detach_means else mean
+
+    terms = {}
+    image_mean, text_mean = mean_of(image, "image"), mean_of(text, "text")
+    if image_inclusion_weight:
+        included = positive_mask if inclusion_mask is None else resolve_positive_mask(
+            inclusion_mask, image_mean.shape[0], text_mean.shape[0], image_mean.device)
+        rows, columns = included.nonzero(as_tuple=True)
+        if rows.numel():
+            incl = inclusion_loss(image_mean[rows], inner_log_sigma2(image, "image")[rows],
+                                  text_mean[columns], require_log_sigma2(text, "text", loss_name)[columns], gamma)
+            terms["image_inclusion"] = image_inclusion_weight * incl.mean()
+    if partial_inclusion_weight and partial_text is not None:
+        if partial_source is None:
+            raise ValueError("partial_text needs partial_source: the embeddings of the full captions it was "
+                             "made from, row for row.")
+        inner_mean, outer_mean = mean_of(partial_source, "partial_source"), mean_of(partial_text, "partial_text")
+        if inner_mean.shape != outer_mean.shape:
+            raise ValueError(f"partial_text {tuple(outer_mean.shape)} and partial_source "
+                             f"{tuple(inner_mean.shape)} must have the same shape (one row per caption).")
+        if inner_mean.shape[0]:
+            incl = inclusion_loss(inner_mean, inner_log_sigma2(partial_source, "partial_source"),
+                                  outer_mean, require_log_sigma2(partial_text, "partial_text", loss_name), gamma)
+            terms["partial_inclusion"] = partial_inclusion_weight * incl.mean()
+    return terms
 
 
 class InclusionCSDLoss(nn.Module):
@@ -125,9 +183,6 @@ class InclusionCSDLoss(nn.Module):
                 f"partial_inclusion_weight={self.partial_inclusion_weight}, gamma={self.gamma}, "
                 f"detach_means={self.detach_means}")
 
-    def _mean(self, mean: torch.Tensor) -> torch.Tensor:
-        return mean.detach() if self.detach_means else mean
-
     def forward(
         self,
         image: ProbabilisticEmbedding,
@@ -150,27 +205,8 @@ class InclusionCSDLoss(nn.Module):
         a, b = match_parameters(negative_scale, shift, "prolip")
         targets = mask if soft_targets is None else check_soft_targets(soft_targets, mask)
         terms = self.csd.csd_terms(image, text, targets, mask, a, b)
-        if self.image_inclusion_weight:
-            included = mask if inclusion_mask is None else resolve_positive_mask(
-                inclusion_mask, image_mean.shape[0], text_mean.shape[0], image_mean.device)
-            rows, columns = included.nonzero(as_tuple=True)
-            if rows.numel():
-                incl = inclusion_loss(self._mean(image_mean)[rows], image_log_sigma2[rows],
-                                      self._mean(text_mean)[columns], text_log_sigma2[columns], self.gamma)
-                terms["image_inclusion"] = self.image_inclusion_weight * incl.mean()
-        if self.partial_inclusion_weight and partial_text is not None:
-            if partial_source is None:
-                raise ValueError("partial_text needs partial_source: the embeddings of the full captions it was "
-                                 "made from, row for row.")
-            inner_mean = require_single_mean(partial_source, "partial_source", "prolip")
-            outer_mean = require_single_mean(partial_text, "partial_text", "prolip")
-            if inner_mean.shape != outer_mean.shape:
-                raise ValueError(f"partial_text {tuple(outer_mean.shape)} and partial_source "
-                                 f"{tuple(inner_mean.shape)} must have the same shape (one row per caption).")
-            if inner_mean.shape[0]:
-                incl = inclusion_loss(self._mean(inner_mean),
-                                      require_log_sigma2(partial_source, "partial_source", "prolip"),
-                                      self._mean(outer_mean),
-                                      require_log_sigma2(partial_text, "partial_text", "prolip"), self.gamma)
-                terms["partial_inclusion"] = self.partial_inclusion_weight * incl.mean()
+        terms.update(inclusion_terms(
+            image, text, mask, inclusion_mask, partial_text, partial_source, image_inclusion_weight=self.image_inclusion_weight,
+            partial_inclusion_weight=self.partial_inclusion_weight, gamma=self.gamma, detach_means=self.detach_means,
+            loss_name="prolip"))
         return loss_output(terms)

@@ -13,6 +13,7 @@ from torch import nn
 
 from .loss_center import CrossModalCenterLoss
 from .loss_csd import ClosedFormSampledDistanceLoss
+from .loss_decoupled_inclusion import DecoupledInclusionLoss
 from .loss_graph_pattern import GraphPatternLoss
 from .loss_inclusion import InclusionCSDLoss
 from .loss_infonce import InfoNCELoss
@@ -32,6 +33,7 @@ LOSSES: dict[str, type[nn.Module]] = {
     "center": CrossModalCenterLoss,
     "siglip": SigmoidPairLoss,
     "prolip": InclusionCSDLoss,
+    "infonce_inclusion": DecoupledInclusionLoss,
     "pairwise_similarity": PairwiseSimilarityLoss,
     "graph_pattern": GraphPatternLoss,
 }

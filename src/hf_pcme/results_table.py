@@ -20,7 +20,8 @@ from typing import Any
 START_MARKER = "<!-- main-job-table:start -->"
 END_MARKER = "<!-- main-job-table:end -->"
 
-MODEL_LABELS = {"pcme": "PCME", "pcme++": "PCME++", "prolip_dupincl": "PCME++ + inclusion", "deterministic": "deterministic, InfoNCE"}
+MODEL_LABELS = {"pcme": "PCME", "pcme++": "PCME++", "prolip_dupincl": "PCME++ + inclusion",
+                "infonce_dupincl": "InfoNCE means + inclusion sigma", "deterministic": "deterministic, InfoNCE"}
 SCORER_LABELS = {"sampled": "sampled", "csd": "CSD", "cosine": "cosine", "polysemous": "best pair"}
 
 

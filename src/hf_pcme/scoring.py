@@ -186,8 +186,11 @@ def default_score(config: Any) -> str:
 
     ``"cosine"`` for deterministic heads, ``"polysemous"`` for heads with K embeddings per item,
     ``"csd"`` for probabilistic heads with ``match_function="csd"`` (PCME++), ``"sampled"`` for the
-    other probabilistic heads (PCME).
+    other probabilistic heads (PCME); ``config.ranking_score`` when the config names one.
     """
+    ranking_score = getattr(config, "ranking_score", None)
+    if ranking_score is not None:
+        return ranking_score
     head_type = getattr(config, "head_type", None)
     if head_type == "deterministic":
         return "cosine"

@@ -146,7 +146,7 @@ class TrainRecipe:
     Uncertainty recipes (``hf_pcme.training.augment``, docs/uncertainty.md): ``freeze_uncertainty`` fixes every
     log variance at ``model.init_log_sigma2`` (the "without uncertainty" ablation);
     ``duplicate_caption_positives`` makes captions with identical text positives of each other's
-    images; ``duplicate_caption_inclusion`` does so for the ``prolip`` inclusion term only (the
+    images; ``duplicate_caption_inclusion`` does so for the ``prolip`` / ``infonce_inclusion`` inclusion term only (the
     matching loss keeps its positives); ``mix_batch_ratio`` mixes that fraction of the images (PCME++ mixup / cutmix, soft
     targets); ``partial_caption_ratio`` / ``word_drop_prob`` make word-dropped captions for the
     ``prolip`` inclusion loss; ``uncertainty_lr_multiplier`` scales the learning rate of the
@@ -325,10 +325,10 @@ def _validate_values(recipe: Recipe) -> None:
 
         check_choice(recipe.eval.ranking, SCORERS, "recipe key 'eval.ranking':")
     train, model = recipe.train, recipe.model
-    if train.duplicate_caption_inclusion and model.loss_type != "prolip":
+    if train.duplicate_caption_inclusion and model.loss_type not in ("prolip", "infonce_inclusion"):
         raise ValueError("Recipe key 'train.duplicate_caption_inclusion' acts on the inclusion term of "
-                         f"model.loss_type 'prolip', but the loss is {model.loss_type!r}: use loss_type "
-                         "prolip or remove the key.")
+                         f"model.loss_type 'prolip' or 'infonce_inclusion', but the loss is {model.loss_type!r}: "
+                         "use one of those or remove the key.")
     if train.freeze_uncertainty and model.head_type != "probabilistic":
         raise ValueError("Recipe key 'train.freeze_uncertainty' needs model.head_type 'probabilistic' "
                          f"(a {model.head_type!r} head has no variance).")
