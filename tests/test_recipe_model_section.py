@@ -27,8 +27,9 @@ def test_shipped_recipe_builds_the_same_config_as_before(name):
     assert {key: model_section[key] for key in BEFORE[name]["recipe_model"]} == BEFORE[name]["recipe_model"]
 
 
-def test_every_shipped_recipe_is_in_the_snapshot():
-    assert sorted(BEFORE) == sorted(path.stem for path in (REPO / "configs").glob("*.yaml"))
+def test_every_snapshot_recipe_still_ships():
+    # Recipes added after the snapshot are not in it; none of those it holds may disappear unnoticed.
+    assert set(BEFORE) <= {path.stem for path in (REPO / "configs").glob("*.yaml")}
 
 
 def test_model_keys_are_the_config_arguments_less_the_towers():
