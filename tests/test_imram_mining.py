@@ -187,3 +187,21 @@ def test_mining_config_errors():
     with pytest.raises(ValueError, match="mined_negatives > 0 but no negatives were mined"):
         IMRAMTrainingModule(IMRAMModel(IMRAMConfig(
             vision_config=tiny_pcme_config().vision_config, text_config=tiny_text_config(), embed_dim=8, mined_negatives=1)))
+
+
+def test_pipeline_orders_by_fused_score(dual_encoder, processor):
+    from transformers import pipeline
+
+    torch.manual_seed(1)
+    model = IMRAMModel.from_dual_encoder(dual_encoder, embed_dim=8, fusion_weight=0.5).eval()
+    plain = pipeline("cross-modal-retrieval", model=dual_encoder, processor=processor)
+    reranking = pipeline("cross-modal-retrieval", model=dual_encoder, processor=processor, reranker=model, rerank_top_k=4)
+    corpus, image = list(TINY_CAPTIONS), tiny_images(1)[0]
+    first = plain(images=image, corpus=corpus, top_k=4, progress_bar=False)["results"]
+    second = reranking(images=image, corpus=corpus, top_k=4, progress_bar=False)["results"]
+    by_id = {item["id"]: item for item in second}
+    ids = [item["id"] for item in first]
+    first_scores = torch.tensor([[item["score"] for item in first]])
+    imram_scores = torch.tensor([[by_id[i]["rerank_score"] for i in ids]])
+    fused = fuse_scores(first_scores, imram_scores, 0.5)[0]
+    assert [item["id"] for item in second] == [ids[i] for i in fused.argsort(descending=True).tolist()]

@@ -36,7 +36,7 @@ from .scoring import default_search_score
 from .encoding import infer_modality, load_images
 from .index import CrossModalIndex, model_fingerprint
 from .outputs import ProbabilisticEmbedding
-from .rerank import candidate_scores, check_rerank_top_k, check_reranker_fits
+from .rerank import candidate_scores, check_rerank_top_k, check_reranker_fits, fuse_scores
 from .visualization import attention_heatmap
 
 TASK = "cross-modal-retrieval"
@@ -77,7 +77,7 @@ class CrossModalRetrievalPipeline(ChunkPipeline):
 
     Two-stage retrieval: ``pipeline(..., reranker=IMRAMModel or folder, rerank_top_k=50)`` takes each
     query's first-stage top ``rerank_top_k`` (>= ``top_k``; default 50) from the index, re-orders them by the
-    re-ranker's score and returns the first ``top_k``; each item keeps its first-stage ``score``,
+    re-ranker's score (fused with the first-stage score when its ``config.fusion_weight`` < 1) and returns the first ``top_k``; each item keeps its first-stage ``score``,
     ``match_probability`` and ``uncertainty`` and gains ``rerank_score`` and ``first_stage_rank``.
     The re-ranker must read the same inputs as the model (its towers' configs equal, e.g. built with
     ``IMRAMModel.from_dual_encoder``), and the index must come from a corpus list or :meth:`build_index`.
@@ -339,7 +339,9 @@ class CrossModalRetrievalPipeline(ChunkPipeline):
         else:
             scores = candidate_scores(self.reranker, items, queries, candidates, queries_are_images=False)
         scores = scores.masked_fill(indices.to(device) < 0, float("-inf")).cpu()
-        order = scores.argsort(dim=1, descending=True, stable=True)[:, :top_k]
+        # the order: the re-ranker's score, or its fusion with the first-stage score (config.fusion_weight)
+        fused = fuse_scores(outputs["scores"].float().cpu(), scores, getattr(self.reranker.config, "fusion_weight", 1.0))
+        order = fused.argsort(dim=1, descending=True, stable=True)[:, :top_k]
         for key in ("scores", "indices", "distances", "match_probability"):
             if outputs[key] is not None:
                 outputs[key] = outputs[key].gather(1, order.to(outputs[key].device))
