@@ -3,8 +3,8 @@
 A re-ranked candidate's final score is ``(1 - alpha) z(first-stage score) + alpha z(IMRAM score)``
 (``IMRAMConfig.fusion_weight``, see :func:`hf_pcme.rerank.fuse_scores`). This script ranks the
 validation split of the dual encoder's dataset with each alpha of a grid, prints the metrics, and
-writes the alpha with the largest ``i2t_R@1 + t2i_R@1`` into ``RERANKER/config.json`` (and every
-row into ``RERANKER/fusion_weight_selection.json``). Never run it on a test split.
+writes the alpha with the largest ``i2t_R@1 + t2i_R@1`` into ``RERANKER/config.json`` (every row
+into ``RERANKER/fusion_weight_selection.json`` and the table into its model card ``README.md``). Never run it on a test split.
 
     python scripts/choose_fusion_weight.py --dual-encoder runs/shapes_pcme --reranker runs/shapes_imram
 """
@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+CARD_SECTION = "## Fusion weight"
 KEYS = ("i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5", "i2t_pmrp", "t2i_pmrp", "rsum")
 
 
@@ -77,6 +78,13 @@ def main(argv: list[str] | None = None) -> int:
         selection = {"split": args.split, "rerank_top_k": args.rerank_top_k, "criterion": "i2t_R@1 + t2i_R@1",
                      "fusion_weight": weight, "rows": rows}
         (folder / "fusion_weight_selection.json").write_text(json.dumps(selection, indent=2) + "\n")
+        card = folder / "README.md"
+        if card.exists():  # the table goes into the model card, replacing an earlier one
+            text = card.read_text().split(CARD_SECTION)[0].rstrip()
+            table = [f"| {row['fusion_weight']:.2f} | " + " | ".join(f"{row[key]:.2f}" for key in KEYS) + " |" for row in rows]
+            card.write_text(f"{text}\n\n{CARD_SECTION}\n\nChosen on the {args.split} split (top-{args.rerank_top_k}, "
+                            f"largest i2t_R@1 + t2i_R@1): **fusion_weight = {weight}**.\n\n| alpha | " + " | ".join(KEYS)
+                            + " |\n|" + "---|" * (len(KEYS) + 1) + "\n" + "\n".join(table) + "\n")
         print(f"wrote fusion_weight={weight} into {config_path}")
     return 0
 

@@ -205,3 +205,36 @@ def test_pipeline_orders_by_fused_score(dual_encoder, processor):
     imram_scores = torch.tensor([[by_id[i]["rerank_score"] for i in ids]])
     fused = fuse_scores(first_scores, imram_scores, 0.5)[0]
     assert [item["id"] for item in second] == [ids[i] for i in fused.argsort(descending=True).tolist()]
+
+
+def test_select_fusion_weight_takes_the_best_r1_sum(tmp_path, dual_encoder):
+    from hf_pcme.data import load_dataset_by_name, make_retrieval_split
+    from hf_pcme.rerank_evaluation import metrics_from_matrices, reranked_matrices, select_fusion_weight
+
+    view = make_retrieval_split(load_dataset_by_name(
+        "shapes", split="val", num_images=8, num_eval_images=6, image_size=32, cache_dir=tmp_path / "cache"))
+    torch.manual_seed(1)
+    model = IMRAMModel.from_dual_encoder(dual_encoder, embed_dim=8).eval()
+    generator = torch.Generator().manual_seed(0)
+    images = LocalFeatures(torch.nn.functional.normalize(torch.randn(view.num_images, 4, 8, generator=generator), dim=-1))
+    texts = LocalFeatures(torch.nn.functional.normalize(torch.randn(view.num_captions, 3, 8, generator=generator), dim=-1))
+    first = torch.randn(view.num_images, view.num_captions, generator=generator)
+    weight, rows = select_fusion_weight(first, model, images, texts, view, rerank_top_k=5, grid=(0.0, 0.5, 1.0))
+    assert [row["fusion_weight"] for row in rows] == [0.0, 0.5, 1.0]
+    alone = metrics_from_matrices(view, first, first)
+    assert rows[0]["i2t_R@1"] == alone["i2t_R@1"] and rows[0]["t2i_R@1"] == alone["t2i_R@1"]  # alpha 0: first stage
+    for row in rows[1:]:
+        i2t, t2i = reranked_matrices(first, model, images, texts, 5, fusion_weight=row["fusion_weight"])
+        expected = metrics_from_matrices(view, i2t, t2i)
+        assert row["i2t_R@1"] == expected["i2t_R@1"] and row["t2i_R@1"] == expected["t2i_R@1"]
+    best = max(row["i2t_R@1"] + row["t2i_R@1"] for row in rows)
+    assert weight == min(row["fusion_weight"] for row in rows if row["i2t_R@1"] + row["t2i_R@1"] == best)
+
+
+def test_choose_fusion_weight_refuses_the_test_split():
+    import runpy
+    from pathlib import Path
+
+    script = runpy.run_path(str(Path(__file__).resolve().parent.parent / "scripts" / "choose_fusion_weight.py"))
+    with pytest.raises(SystemExit, match="validation split"):
+        script["main"](["--dual-encoder", "x", "--reranker", "y", "--split", "test"])
