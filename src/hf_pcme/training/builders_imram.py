@@ -3,7 +3,9 @@
 ``model.pretrained`` names a trained dual encoder (a PCME folder or hub id): IMRAM is built on its
 towers (those in ``model.imram.frozen_towers`` frozen, default both) and the recipe uses its processor, so
 the re-ranker reads exactly the inputs the dual encoder reads. Without ``pretrained`` the towers are
-built from the recipe as for a PCME model, and trained with IMRAM.
+built from the recipe as for a PCME model, and trained with IMRAM. With ``model.imram.mined_negatives``
+> 0 the dual encoder also mines each training query's hard negatives before training
+(:mod:`hf_pcme.training.mining_imram`).
 """
 
 from __future__ import annotations
