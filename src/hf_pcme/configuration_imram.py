@@ -41,8 +41,9 @@ class IMRAMConfig(PreTrainedConfig):
             ``mining_top_k`` (:mod:`hf_pcme.training.mining_imram`), added to the in-batch negatives;
             0 = in-batch negatives only. Needs a frozen vision tower and a dual encoder to mine with.
         mining_top_k: how many of the dual encoder's best non-positive items per query are mined.
-        duplicate_caption_positives: training captions with the same normalised text as a positive
-            (the same vague caption of many images) are positives too, never negatives.
+        duplicate_caption_positives: training captions with the same text as a positive (the same vague
+            caption of many images) are positives too, never negatives (in the batch: the same token ids;
+            in the mining: the same normalised text).
         frozen_towers: the towers (``"vision"``, ``"text"``) whose weights (and BatchNorm statistics)
             stay fixed. Default both: the towers of a trained dual encoder, shared for re-ranking. The
             paper keeps its region features fixed and trains its text encoder: ``["vision"]``.
