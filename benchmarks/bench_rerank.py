@@ -2,10 +2,12 @@
 
 Quality: R@1/5/10 and PMRP in both directions on the shapes test split (500 images, 2,500 captions),
 ranked by the dual encoder (PCME, its own score) and by the dual encoder with each query's top-K
-re-ranked by IMRAM (items beyond K keep the first-stage order); one row per re-ranker seed and the
-mean over seeds. The dual encoder is the one configs/shapes_pcme.yaml trains; the re-rankers are
-configs/shapes_imram.yaml with seeds 0, 1, 2 (its projections and memory units; the towers are the
-dual encoder's, frozen).
+re-ranked (items beyond K keep the first-stage order), one row per re-ranker seed and the mean over
+seeds: ordered by IMRAM's score alone, and by the fusion of both stages' scores with the weight
+``config.fusion_weight`` that scripts/choose_fusion_weight.py chose on the validation split. The
+dual encoder is the one configs/shapes_pcme.yaml trains; the re-rankers are configs/shapes_imram.yaml
+with seeds 0, 1, 2 (IMRAM's projections, memory units and a copy of the text tower; the vision tower
+is the dual encoder's, frozen).
 
 Cost: per caption query over the 500 test images (a gallery whose image features are already
 computed), (a) the two-stage search: embed the caption with the dual encoder, search the index,
@@ -16,7 +18,8 @@ more). The two sides alternate round by round (the machine drifts); the printed 
 of the per-round ratios a / b.
 
     python scripts/train.py --config configs/shapes_pcme.yaml           # the dual encoder (runs/shapes_pcme)
-    for s in 0 1 2; do python scripts/train.py --config configs/shapes_imram.yaml seed=$s output_dir=runs/shapes_imram_s$s; done
+    for s in 0 1 2; do python scripts/train.py --config configs/shapes_imram.yaml seed=$s output_dir=runs/shapes_imram_s$s
+      python scripts/choose_fusion_weight.py --dual-encoder runs/shapes_pcme --reranker runs/shapes_imram_s$s; done
     python benchmarks/bench_rerank.py                                   # or --train to train what is missing
     python benchmarks/bench_rerank.py --quick                           # fewer timed queries, first re-ranker only
 """
@@ -24,6 +27,7 @@ of the per-round ratios a / b.
 from __future__ import annotations
 
 import argparse
+import runpy
 import statistics
 import time
 from pathlib import Path
@@ -35,7 +39,7 @@ import hf_pcme  # noqa: F401  (registers the models)
 from hf_pcme import IMRAMModel, PCMEModel, PCMEProcessor
 from hf_pcme.data import load_dataset_by_name, make_retrieval_split
 from hf_pcme.index import CrossModalIndex, default_metric
-from hf_pcme.rerank import candidate_scores
+from hf_pcme.rerank import candidate_scores, fuse_scores
 from hf_pcme.training.config import load_recipe
 from hf_pcme.training.evaluation import default_scorer, encode_for_scorer
 from hf_pcme.rerank_evaluation import (
@@ -71,6 +75,9 @@ def train_missing(args: argparse.Namespace) -> None:
         if not (Path(folder) / "config.json").exists():
             overrides = [f"seed={seed}", f"output_dir={folder}", f"model.pretrained={args.dual_encoder}"]
             train(load_recipe(REPO_ROOT / "configs/shapes_imram.yaml", overrides))
+        if not (Path(folder) / "fusion_weight_selection.json").exists():  # choose the fusion weight on val
+            choose = runpy.run_path(str(REPO_ROOT / "scripts/choose_fusion_weight.py"))
+            choose["main"](["--dual-encoder", args.dual_encoder, "--reranker", folder, "--split", "val"])
 
 
 def row(name: str, metrics: dict[str, float]) -> str:
@@ -88,7 +95,8 @@ def time_ratios(model, reranker, processor, captions, image_locals, index, top_k
         query = model.get_text_features(inputs["input_ids"], inputs["attention_mask"], num_samples=0)
         found = index.search(query.mean, query.log_sigma2 if index.metric == "csd" else None, top_k=top_k)
         words = reranker.encode_texts(inputs["input_ids"], inputs["attention_mask"])
-        return candidate_scores(reranker, image_locals, words, found.indices, queries_are_images=False)
+        scores = candidate_scores(reranker, image_locals, words, found.indices, queries_are_images=False)
+        return fuse_scores(found.scores, scores, reranker.config.fusion_weight)
 
     def full_gallery() -> torch.Tensor:
         words = reranker.encode_texts(inputs["input_ids"], inputs["attention_mask"])
@@ -138,18 +146,24 @@ def main() -> None:
           f"re-ranked: top-{args.rerank_top_k} per query, both directions\n")
     print(f"{'':<28}" + "".join(f"{key:>9}" for key in KEYS))
     print(row("dual encoder alone", baseline))
-    reranked = []
+    reranked, imram_only = [], []
     for folder in args.rerankers:
         reranker = IMRAMModel.from_pretrained(folder).eval()
         image_locals, text_locals = encode_local_features(reranker, processor, view, batch_size=250)
+        i2t, t2i = reranked_matrices(first, reranker, image_locals, text_locals, args.rerank_top_k, fusion_weight=1.0)
+        imram_only.append(metrics_from_matrices(view, i2t, t2i))
+        print(row(f"+ IMRAM order {Path(folder).name}", imram_only[-1]))
+        weight = reranker.config.fusion_weight
         i2t, t2i = reranked_matrices(first, reranker, image_locals, text_locals, args.rerank_top_k)
         reranked.append(metrics_from_matrices(view, i2t, t2i))
-        print(row(f"+ IMRAM {Path(folder).name}", reranked[-1]))
-    mean = {key: statistics.fmean(m[key] for m in reranked) for key in KEYS}
-    print(row(f"+ IMRAM, mean of {len(reranked)}", mean))
-    print(row("difference (mean - alone)", {key: mean[key] - baseline[key] for key in KEYS}))
-    if len(reranked) > 1:
-        print(row("std over re-ranker seeds", {key: statistics.stdev(m[key] for m in reranked) for key in KEYS}))
+        print(row(f"+ fused a={weight:g} {Path(folder).name}", reranked[-1]))
+    print(f"(a = config.fusion_weight, chosen on the val split by scripts/choose_fusion_weight.py; a = 1: IMRAM order)")
+    for label, results in ((f"+ IMRAM order, mean of {len(imram_only)}", imram_only), (f"+ fused, mean of {len(reranked)}", reranked)):
+        mean = {key: statistics.fmean(m[key] for m in results) for key in KEYS}
+        print(row(label, mean))
+        print(row("  difference (mean - alone)", {key: mean[key] - baseline[key] for key in KEYS}))
+        if len(results) > 1:
+            print(row("  std over re-ranker seeds", {key: statistics.stdev(m[key] for m in results) for key in KEYS}))
 
     reranker = IMRAMModel.from_pretrained(args.rerankers[0]).eval()
     image_locals, _ = encode_local_features(reranker, processor, view, batch_size=250)

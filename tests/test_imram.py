@@ -294,7 +294,10 @@ def test_evaluate_script_with_reranker_covering_the_gallery_ranks_by_imram(tmp_p
         script.main([*args, "--reranker", str(model_dir)])
 
 
-def test_imram_recipe_trains_through_the_trainer_and_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("loss_overrides", [[], [  # + negatives mined by the dual encoder, hardest after a warm-up
+    "model.imram.mined_negatives=2", "model.imram.mining_top_k=3", "model.imram.max_violation=true",
+    "model.imram.hardest_negative_warmup_steps=2", "model.imram.duplicate_caption_positives=true"]], ids=["in_batch", "mined"])
+def test_imram_recipe_trains_through_the_trainer_and_resumes_exactly(tmp_path, loss_overrides):
     from pathlib import Path
 
     from hf_pcme.training.config import load_recipe
@@ -313,7 +316,7 @@ def test_imram_recipe_trains_through_the_trainer_and_resumes_exactly(tmp_path):
             "model.text_config={model_type: pcme_bigru, word_dim: 8, hidden_size: 16}", "model.embed_dim=8",
             "model.num_samples=3", "train.max_steps=1", "eval.enabled=false", f"output_dir={pcme_dir}", *data]))
         imram = [f"model.pretrained={pcme_dir}", "model.imram.embed_dim=8", "train.phase2_steps=4", "train.warmup_steps=1",
-                 "train.checkpoint_every=2", "train.log_every=1", *data]
+                 "train.checkpoint_every=2", "train.log_every=1", *data, *loss_overrides]
         recipe = repo / "configs/shapes_imram.yaml"
         whole = train(load_recipe(recipe, [*imram, f"output_dir={tmp_path / 'whole'}"]))
         assert isinstance(whole.model, IMRAMModel) and whole.global_step == 4

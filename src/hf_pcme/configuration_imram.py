@@ -35,9 +35,22 @@ class IMRAMConfig(PreTrainedConfig):
             ``clipped_l2norm``: LeakyReLU(0.1)); 0 gives a plain ReLU clip.
         margin: margin of the hardest-negative triplet loss (VSE++ / IMRAM: 0.2).
         max_violation: hardest negative only (``True``, VSE++) or the sum over negatives.
+        hardest_negative_warmup_steps: with ``max_violation``, the first training steps that sum over the
+            negatives instead (VSE++ warms up this way when the hardest-negative loss collapses early).
+        mined_negatives: M, negatives per query and step drawn from the query's dual-encoder top
+            ``mining_top_k`` (:mod:`hf_pcme.training.mining_imram`), added to the in-batch negatives;
+            0 = in-batch negatives only. Needs a frozen vision tower and a dual encoder to mine with.
+        mining_top_k: how many of the dual encoder's best non-positive items per query are mined.
+        duplicate_caption_positives: training captions with the same text as a positive (the same vague
+            caption of many images) are positives too, never negatives (in the batch: the same token ids;
+            in the mining: the same normalised text).
         frozen_towers: the towers (``"vision"``, ``"text"``) whose weights (and BatchNorm statistics)
             stay fixed. Default both: the towers of a trained dual encoder, shared for re-ranking. The
             paper keeps its region features fixed and trains its text encoder: ``["vision"]``.
+        fusion_weight: alpha in [0, 1], how a re-ranked candidate's final score mixes the two stages:
+            ``(1 - alpha) z(first-stage score) + alpha z(IMRAM score)``, z-scores over the query's K
+            candidates (:func:`hf_pcme.rerank.fuse_scores`). 1 = order by IMRAM alone, 0 = keep the
+            first-stage order. Choose it on a validation split (``scripts/choose_fusion_weight.py``).
         dual_encoder: where the towers came from (a folder or hub id of a PCME model), informational.
         initializer_range: std of the normal initialisation of the linear layers.
     """
@@ -53,7 +66,12 @@ class IMRAMConfig(PreTrainedConfig):
     leaky_relu_slope: float = 0.1
     margin: float = 0.2
     max_violation: bool = True
+    hardest_negative_warmup_steps: int = 0
+    mined_negatives: int = 0
+    mining_top_k: int = 50
+    duplicate_caption_positives: bool = False
     frozen_towers: list | tuple = ("vision", "text")
+    fusion_weight: float = 1.0
     dual_encoder: str | None = None
     initializer_range: float = 0.02
 
@@ -71,6 +89,13 @@ class IMRAMConfig(PreTrainedConfig):
                 raise ValueError(f"frozen_towers may list 'vision' and 'text', got {name!r}.")
         if float(self.attention_temperature) <= 0:
             raise ValueError(f"attention_temperature (lambda) must be > 0, got {self.attention_temperature}.")
+        for name in ("hardest_negative_warmup_steps", "mined_negatives"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        if int(self.mining_top_k) < max(1, int(self.mined_negatives)):
+            raise ValueError(f"mining_top_k ({self.mining_top_k}) must be >= max(1, mined_negatives) ({self.mined_negatives}).")
+        if not 0.0 <= float(self.fusion_weight) <= 1.0:
+            raise ValueError(f"fusion_weight (alpha) must be in [0, 1], got {self.fusion_weight}.")
         super().__post_init__(**kwargs)
 
 

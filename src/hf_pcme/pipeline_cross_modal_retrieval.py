@@ -80,7 +80,7 @@ class CrossModalRetrievalPipeline(ChunkPipeline):
 
     Two-stage retrieval: ``pipeline(..., reranker=IMRAMModel or folder, rerank_top_k=50)`` takes each
     query's first-stage top ``rerank_top_k`` (>= ``top_k``; default 50) from the index, re-orders them by the
-    re-ranker's score and returns the first ``top_k``; each item keeps its first-stage ``score``,
+    re-ranker's score (fused with the first-stage score when its ``config.fusion_weight`` < 1) and returns the first ``top_k``; each item keeps its first-stage ``score``,
     ``match_probability`` and ``uncertainty`` and gains ``rerank_score`` and ``first_stage_rank``.
     The re-ranker must read the same inputs as the model (its towers' configs equal, e.g. built with
     ``IMRAMModel.from_dual_encoder``), and the index must come from a corpus list or :meth:`build_index`.

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .rerank import candidate_scores, check_reranker_fits
+from .rerank import candidate_scores, check_reranker_fits, fuse_scores
 
 
 def load_reranker(reranker: Any, model: Any, device: Any) -> Any:
@@ -35,7 +35,8 @@ def reranker_features(reranker: Any, model_inputs: dict[str, Any], device: Any) 
 def rerank_outputs(
     reranker: Any, outputs: dict[str, Any], model_inputs: dict[str, Any], items: Any, top_k: int, device: Any
 ) -> dict[str, Any]:
-    """Re-order each query's first-stage candidates by the re-ranker's score and keep the first ``top_k``.
+    """Re-order each query's first-stage candidates by the re-ranker's score (fused with the first-stage
+    score when ``reranker.config.fusion_weight`` < 1) and keep the first ``top_k``.
 
     ``items`` are the re-ranker's features of the index's corpus (``None`` when the pipeline did not
     build that index). Every per-item field (first-stage score, distance, match probability) moves
@@ -55,7 +56,9 @@ def rerank_outputs(
     else:
         scores = candidate_scores(reranker, items, queries, candidates, queries_are_images=False)
     scores = scores.masked_fill(indices.to(device) < 0, float("-inf")).cpu()
-    order = scores.argsort(dim=1, descending=True, stable=True)[:, :top_k]
+    # the order: the re-ranker's score, or its fusion with the first-stage score (config.fusion_weight)
+    fused = fuse_scores(outputs["scores"].float().cpu(), scores, getattr(reranker.config, "fusion_weight", 1.0))
+    order = fused.argsort(dim=1, descending=True, stable=True)[:, :top_k]
     for key in ("scores", "indices", "distances", "match_probability"):
         if outputs[key] is not None:
             outputs[key] = outputs[key].gather(1, order.to(outputs[key].device))

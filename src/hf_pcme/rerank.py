@@ -1,9 +1,10 @@
 """Two-stage retrieval: a dual encoder's top-K, re-ranked by a cross-attention model (IMRAM).
 
 The dual encoder ranks the whole gallery cheaply; the re-ranker scores only each query's first-stage
-top-K candidates. The re-ranked ranking of a query is: its top-K in re-ranker order, then every other
-item in first-stage order. :func:`rerank_score_matrix` writes that ranking as a score matrix (so every
-ranking metric applies unchanged): the top-K get their re-ranker scores shifted above the row's
+top-K candidates. The re-ranked ranking of a query is: its top-K in re-ranker order (IMRAM's score, or
+its fusion with the first-stage score: :func:`fuse_scores`, ``IMRAMConfig.fusion_weight``), then every
+other item in first-stage order. :func:`rerank_score_matrix` writes that ranking as a score matrix (so
+every ranking metric applies unchanged): the top-K get their re-ranker scores shifted above the row's
 largest first-stage score, the rest keep their first-stage scores.
 """
 
@@ -79,6 +80,36 @@ def candidate_scores(
     return torch.cat(scores).reshape(num_queries, top_k)
 
 
+def fuse_scores(first_stage: torch.Tensor, reranker_scores: torch.Tensor, fusion_weight: float) -> torch.Tensor:
+    """Final scores ``(Q, K)`` of each query's K candidates: ``(1 - alpha) z(first_stage) + alpha z(reranker_scores)``.
+
+    ``z`` standardises a row over its candidates (``(s - mean) / std``), so the weight ``alpha`` does not
+    depend on either stage's scale (a match probability, a distance, a sum of K cosines). Entries that are
+    not finite in either input (missing candidates) are left out of the row statistics and come back
+    ``-inf``. ``alpha = 1`` returns ``reranker_scores`` unchanged (rank by the re-ranker alone).
+    """
+    alpha = float(fusion_weight)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"fusion_weight must be in [0, 1], got {fusion_weight}.")
+    if first_stage.shape != reranker_scores.shape:
+        raise ValueError(f"first_stage {tuple(first_stage.shape)} and reranker_scores {tuple(reranker_scores.shape)} differ in shape.")
+    if alpha == 1.0:
+        return reranker_scores
+    first, second = first_stage.double(), reranker_scores.double().to(first_stage.device)
+    valid = torch.isfinite(first) & torch.isfinite(second)
+
+    def standardise(values: torch.Tensor) -> torch.Tensor:
+        weights = valid.to(values.dtype)
+        count = weights.sum(1, keepdim=True).clamp_min(1.0)
+        filled = values.masked_fill(~valid, 0.0)
+        mean = filled.sum(1, keepdim=True) / count
+        variance = ((filled - mean) ** 2 * weights).sum(1, keepdim=True) / count
+        return (filled - mean) / variance.sqrt().clamp_min(1e-12)
+
+    fused = (1.0 - alpha) * standardise(first) + alpha * standardise(second)
+    return fused.masked_fill(~valid, float("-inf")).to(reranker_scores.dtype)
+
+
 def rerank_score_matrix(first_stage: torch.Tensor, candidates: torch.Tensor, candidate_scores: torch.Tensor) -> torch.Tensor:
     """Scores ``(Q, N)`` whose ranking is: the ``candidates (Q, K)`` by ``candidate_scores (Q, K)``, then the rest by ``first_stage``.
 
@@ -93,12 +124,20 @@ def rerank_score_matrix(first_stage: torch.Tensor, candidates: torch.Tensor, can
 
 
 def rerank(
-    first_stage: torch.Tensor, top_k: int, score_candidates: Callable[[torch.Tensor], torch.Tensor]
+    first_stage: torch.Tensor,
+    top_k: int,
+    score_candidates: Callable[[torch.Tensor], torch.Tensor],
+    fusion_weight: float = 1.0,
 ) -> torch.Tensor:
-    """Re-ranked score matrix of queries ``first_stage (Q, N)``: ``score_candidates(indices (Q, K)) -> (Q, K)`` scores each top-K."""
+    """Re-ranked score matrix of queries ``first_stage (Q, N)``: ``score_candidates(indices (Q, K)) -> (Q, K)`` scores each top-K.
+
+    The top-K are ordered by :func:`fuse_scores` of their first-stage and re-ranker scores (``fusion_weight``
+    1 = the re-ranker's scores alone).
+    """
     top_k = min(check_rerank_top_k(top_k), first_stage.shape[1])
     candidates = first_stage.topk(top_k, dim=1).indices
-    return rerank_score_matrix(first_stage, candidates, score_candidates(candidates))
+    scores = fuse_scores(first_stage.gather(1, candidates), score_candidates(candidates), fusion_weight)
+    return rerank_score_matrix(first_stage, candidates, scores)
 
 
-__all__ = ["candidate_scores", "check_rerank_top_k", "check_reranker_fits", "rerank", "rerank_score_matrix"]
+__all__ = ["candidate_scores", "check_rerank_top_k", "check_reranker_fits", "fuse_scores", "rerank", "rerank_score_matrix"]

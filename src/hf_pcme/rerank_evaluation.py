@@ -16,7 +16,10 @@ from tqdm.auto import tqdm
 
 from .modeling_imram import IMRAMModel, LocalFeatures, concat_local_features
 from .outputs import ProbabilisticEmbedding
-from .rerank import candidate_scores, check_reranker_fits, rerank
+from .rerank import candidate_scores, check_rerank_top_k, check_reranker_fits, fuse_scores, rerank, rerank_score_matrix
+
+#: The fusion weights alpha that :func:`select_fusion_weight` tries by default.
+FUSION_WEIGHT_GRID = tuple(round(0.1 * step, 1) for step in range(11))
 
 @torch.no_grad()
 def encode_local_features(
@@ -60,11 +63,42 @@ def first_stage_scores(model: Any, image_embeds: ProbabilisticEmbedding, text_em
 
 
 def reranked_matrices(first_stage: torch.Tensor, reranker: IMRAMModel, images: LocalFeatures, texts: LocalFeatures,
-                      rerank_top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(i2t, t2i)`` score matrices ``(N_img, N_txt)``: image rows re-ranked, and caption columns re-ranked."""
-    i2t = rerank(first_stage, rerank_top_k, lambda c: candidate_scores(reranker, images, texts, c, True))
-    t2i = rerank(first_stage.t(), rerank_top_k, lambda c: candidate_scores(reranker, images, texts, c, False)).t()
+                      rerank_top_k: int, fusion_weight: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(i2t, t2i)`` score matrices ``(N_img, N_txt)``: image rows re-ranked, and caption columns re-ranked.
+
+    ``fusion_weight`` (default: the re-ranker's ``config.fusion_weight``) mixes the two stages' scores.
+    """
+    weight = reranker.config.fusion_weight if fusion_weight is None else fusion_weight
+    i2t = rerank(first_stage, rerank_top_k, lambda c: candidate_scores(reranker, images, texts, c, True), weight)
+    t2i = rerank(first_stage.t(), rerank_top_k, lambda c: candidate_scores(reranker, images, texts, c, False), weight).t()
     return i2t, t2i
+
+
+@torch.no_grad()
+def select_fusion_weight(first_stage: torch.Tensor, reranker: IMRAMModel, images: LocalFeatures, texts: LocalFeatures,
+                         view: Any, rerank_top_k: int = 50, grid: tuple[float, ...] = FUSION_WEIGHT_GRID,
+                         ) -> tuple[float, list[dict[str, float]]]:
+    """The fusion weight of ``grid`` with the largest ``i2t_R@1 + t2i_R@1`` on ``view`` (a validation split).
+
+    The re-ranker scores each direction's candidates once; every weight re-orders them. Ties go to the
+    smaller weight (closer to the first stage). Returns ``(weight, rows)``, one row of metrics (percent,
+    with ``fusion_weight``) per weight.
+    """
+    top_k = min(check_rerank_top_k(rerank_top_k), first_stage.shape[1], first_stage.shape[0])
+    i2t_candidates = first_stage.topk(top_k, dim=1).indices
+    i2t_scores = candidate_scores(reranker, images, texts, i2t_candidates, True)
+    first_t = first_stage.t()
+    t2i_candidates = first_t.topk(top_k, dim=1).indices
+    t2i_scores = candidate_scores(reranker, images, texts, t2i_candidates, False)
+    rows = []
+    for weight in grid:
+        fused_i2t = fuse_scores(first_stage.gather(1, i2t_candidates), i2t_scores, weight)
+        fused_t2i = fuse_scores(first_t.gather(1, t2i_candidates), t2i_scores, weight)
+        i2t = rerank_score_matrix(first_stage, i2t_candidates, fused_i2t)
+        t2i = rerank_score_matrix(first_t, t2i_candidates, fused_t2i).t()
+        rows.append({"fusion_weight": float(weight), **metrics_from_matrices(view, i2t.cpu(), t2i.cpu())})
+    best = max(rows, key=lambda row: (row["i2t_R@1"] + row["t2i_R@1"], -row["fusion_weight"]))
+    return best["fusion_weight"], rows
 
 
 def metrics_from_matrices(view: Any, i2t: torch.Tensor, t2i: torch.Tensor, protocol: str | None = None,
@@ -128,10 +162,12 @@ def rerank_metrics(model: Any, reranker: IMRAMModel, processor: Any, view: Any, 
 
 
 __all__ = [
+    "FUSION_WEIGHT_GRID",
     "load_reranker",
     "encode_local_features",
     "first_stage_scores",
     "metrics_from_matrices",
     "rerank_metrics",
     "reranked_matrices",
+    "select_fusion_weight",
 ]

@@ -9,6 +9,23 @@ from huggingface_hub import ModelCard, ModelCardData
 from .config import Recipe
 
 
+def _loss_description(options: dict[str, Any]) -> str:
+    """One sentence: the triplet loss of the recipe (hardest negative or sum, warm-up, mined negatives, duplicates)."""
+    hardest = options.get("max_violation", True)
+    loss = "Hardest-negative" if hardest else "Sum-over-negatives"
+    text = f"{loss} triplet loss (margin {options.get('margin', 0.2)}) over every image-caption pair of the batch"
+    warmup = int(options.get("hardest_negative_warmup_steps", 0))
+    if hardest and warmup:
+        text += f", summed over the negatives for the first {warmup} steps"
+    mined = int(options.get("mined_negatives", 0))
+    if mined:
+        text += (f"; each query also gets {mined} negatives per step drawn from its top "
+                 f"{options.get('mining_top_k', 50)} non-positives by the frozen dual encoder")
+    if options.get("duplicate_caption_positives"):
+        text += "; training captions with the same text as a positive are positives, not negatives"
+    return text + "."
+
+
 def build_imram_model_card(recipe: Recipe, metrics: dict[str, Any] | None = None, *, repo_id: str | None = None,
                            training_summary: str | None = None, **_: Any) -> ModelCard:
     """A short card: what the re-ranker is, which dual encoder it belongs to, how to use it, the recipe."""
@@ -43,8 +60,11 @@ or `python scripts/evaluate.py --model DUAL_ENCODER --dataset {recipe.data.name}
 
 ## Training
 
-{training_summary or ""} Hardest-negative triplet loss (margin {options.get("margin", 0.2)}) over every
-image-caption pair of the batch.
+{training_summary or ""} {_loss_description(options)}
+
+At re-ranking, a candidate's final score is `(1 - a) z(first-stage score) + a z(IMRAM score)` (z-scores
+over the query's K candidates), with `a = config.fusion_weight` (1 = IMRAM's order alone; chosen on the
+validation split by `scripts/choose_fusion_weight.py`, which adds its table to this card).
 
 ```yaml
 {recipe.to_yaml().rstrip()}
