@@ -38,6 +38,9 @@ mixed precision, on CPU and CUDA alike. It runs under ``torch.no_grad``: use
 from __future__ import annotations
 
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -109,17 +112,18 @@ def _check_inputs(samples_x, samples_y, negative_scale, shift, max_memory, out):
     return scalars
 
 
-def _tile_shape(n: int, m: int, j_x: int, j_y: int, item_size: int, device: torch.device, max_memory: int | None):
-    """``(R, C)``: queries and items per tile, their buffer plus the stacked query samples within budget."""
+def _tile_shape(n: int, m: int, j_x: int, j_y: int, item_size: int, device: torch.device, max_memory: int | None,
+                threads: int) -> tuple[int, int]:
+    """``(R, C)``: queries and items per tile, the ``(J R) x (J' C)`` tile buffer within ``max_memory``."""
     default = CPU_TILE_BYTES if device.type == "cpu" else GPU_TILE_BYTES
     budget = max(1, (int(max_memory) if max_memory is not None else default) // item_size)
-    if device.type == "cpu":
-        rows = max(1, min(n, CPU_QUERY_SAMPLE_ROWS // j_x))
-    else:
-        rows = n
-    # the tile buffer holds rows J x cols J' values; at least one query and one item
+    rows = max(1, min(n, CPU_QUERY_SAMPLE_ROWS // j_x)) if device.type == "cpu" else n
+    # at least one query and one item per tile
     while rows > 1 and rows * j_x * j_y > budget:
         rows = (rows + 1) // 2
+    # as many tile rows for each thread, of nearly equal sizes (no short last one)
+    tile_rows = threads * -(-n // (threads * rows))
+    rows = -(-n // tile_rows)
     cols = max(1, min(m, budget // (rows * j_x * j_y)))
     return rows, cols
 
@@ -145,8 +149,10 @@ def sampled_match_log_prob(
         samples_y: ``(M, J', D)`` item samples.
         negative_scale: ``a``, a scalar tensor (one element) or float.
         shift: ``b``, a scalar tensor or float.
-        max_memory: bytes of work memory per tile (default: 1 MiB on CPU, which stays in the
-            cache; 256 MiB on GPU). The ``(N, M)`` result is not counted.
+        max_memory: bytes of the tile buffer, ``(J R) x (J' C)`` values (default: 1 MiB on CPU, which
+            stays in the cache; 256 MiB on GPU). On CPU each of torch's threads has one. Not
+            counted: the ``(J R, D)`` stacked query samples of a tile, the ``(M, J')`` item norms
+            and the ``(N, M)`` result.
         out: optional ``(N, M)`` tensor for the result (float32, float64 for float64 samples), on
             the samples' device.
     """
@@ -162,31 +168,63 @@ def sampled_match_log_prob(
             samples_y = samples_y.contiguous()
         if out is None:
             out = torch.empty(n, m, dtype=dtype, device=device)
-        rows, cols = _tile_shape(n, m, j_x, j_y, samples_y.element_size(), device, max_memory)
+        threads = torch.get_num_threads() if device.type == "cpu" else 1
+        rows, cols = _tile_shape(n, m, j_x, j_y, samples_y.element_size(), device, max_memory, threads)
         items_sq_eps = torch.empty(m, j_y, dtype=dtype, device=device)
-        for items in iter_row_chunks(m, max(1, (1 << 16) // (j_y * dim) + 1)):
+        for items in iter_row_chunks(m, max(1, (1 << 22) // (j_y * dim))):  # bounded temporaries
             torch.sum(samples_y[items].square(), dim=-1, out=items_sq_eps[items])
         items_sq_eps.add_(SAMPLE_DISTANCE_EPS)
-        tile = torch.empty(rows * j_x * j_y * cols, dtype=dtype, device=device)
-        for queries in iter_row_chunks(n, rows):
-            stacked = samples_x[queries].transpose(0, 1).reshape(-1, dim)  # (J R, D), sample-major
-            stacked_sq = stacked.square().sum(-1).view(-1, 1, 1)
-            num_queries = queries.stop - queries.start
-            for items in iter_row_chunks(m, cols):
-                num_items = items.stop - items.start
-                block = tile[: j_x * num_queries * j_y * num_items].view(j_x * num_queries, j_y, num_items)
-                for slot in range(j_y):
-                    # ||y||^2 + eps - 2 x.y, one product per sample slot of the items (a strided view)
-                    torch.addmm(
-                        items_sq_eps[items, slot], stacked, samples_y[items, slot].t(), alpha=-2.0, out=block[:, slot]
-                    )
-                # d = sqrt(max(q, 0) + eps), s = 2 b - 2 a d, sigmoid(s): in place while the tile is in cache
-                block.add_(stacked_sq).clamp_min_(SAMPLE_DISTANCE_EPS).sqrt_()
-                block.mul_(-2.0 * negative_scale).add_(2.0 * shift).sigmoid_()
-                sums = block.sum(1).view(j_x, num_queries, num_items).sum(0)
-                out[queries, items] = sums
-            _finish_rows(out[queries], samples_x[queries], samples_y, items_sq_eps, negative_scale, shift, j_x * j_y)
+        tiles = list(iter_row_chunks(n, rows))
+        arguments = (out, samples_x, samples_y, items_sq_eps, negative_scale, shift, cols, threading.local())
+        if threads <= 1 or len(tiles) == 1:
+            for queries in tiles:
+                _score_queries(queries, *arguments)
+            return out
+        # CPU: one task per tile row, on parallel threads with torch on one thread each. Torch's own
+        # threads would split every small product and pass of a tile and meet at a barrier after
+        # each: on a busy machine one descheduled thread then stalls the others.
+        with _single_torch_thread(), ThreadPoolExecutor(max_workers=threads) as pool:
+            for future in [pool.submit(_score_queries, queries, *arguments) for queries in tiles]:
+                future.result()
+                future.result()
     return out
+
+
+def _score_queries(queries, out, samples_x, samples_y, items_sq_eps, negative_scale, shift, cols, local):
+    """Fill ``out[queries]``, ``cols`` items per tile; ``local`` keeps one tile buffer per thread."""
+    j_x, dim = samples_x.shape[1:]
+    m, j_y = items_sq_eps.shape
+    num_queries = queries.stop - queries.start
+    size = j_x * num_queries * j_y * min(cols, m)
+    if getattr(local, "buffer", None) is None or local.buffer.numel() < size:
+        local.buffer = samples_x.new_empty(size)
+    with torch.no_grad(), _full_precision(samples_x.device):  # both are per thread
+        stacked = samples_x[queries].transpose(0, 1).reshape(-1, dim)  # (J R, D), sample-major
+        stacked_sq = stacked.square().sum(-1).view(-1, 1, 1)
+        for items in iter_row_chunks(m, cols):
+            num_items = items.stop - items.start
+            block = local.buffer[: j_x * num_queries * j_y * num_items].view(j_x * num_queries, j_y, num_items)
+            for slot in range(j_y):
+                # ||y||^2 + eps - 2 x.y, one product per sample slot of the items (a strided view)
+                torch.addmm(
+                    items_sq_eps[items, slot], stacked, samples_y[items, slot].t(), alpha=-2.0, out=block[:, slot]
+                )
+            # d = sqrt(max(q, 0) + eps), s = 2 b - 2 a d, sigmoid(s): in place while the tile is in cache
+            block.add_(stacked_sq).clamp_min_(SAMPLE_DISTANCE_EPS).sqrt_()
+            block.mul_(-2.0 * negative_scale).add_(2.0 * shift).sigmoid_()
+            out[queries, items] = block.sum(1).view(j_x, num_queries, num_items).sum(0)
+        _finish_rows(out[queries], samples_x[queries], samples_y, items_sq_eps, negative_scale, shift, j_x * j_y)
+
+
+@contextmanager
+def _single_torch_thread():
+    """Torch CPU ops on one thread inside the block (restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _finish_rows(scores, samples_x, samples_y, items_sq_eps, negative_scale, shift, num_pairs):
