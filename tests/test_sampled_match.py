@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import hf_pcme.sampled_match as sampled_match
-from hf_pcme.distances import pairwise_sampled_match_log_prob
+from hf_pcme.distances import pairwise_csd, pairwise_sampled_match_log_prob
 from hf_pcme.metrics import evaluate_retrieval
 from hf_pcme.metrics.scorers import SampledMatchScorer
 from hf_pcme.sampled_match import sampled_match_log_prob
@@ -213,3 +213,68 @@ def test_scorer_rejects_a_bad_max_memory():
     samples = torch.zeros(2, 2, 4)
     with pytest.raises(ValueError, match="max_memory must be a positive"):
         SampledMatchScorer(image_samples=samples, text_samples=samples, negative_scale=1.0, shift=0.0, max_memory=-5)
+
+
+def test_rerank_top_k_rescored_items_get_log_p_and_the_rest_keep_candidate_order_below():
+    samples_x = gaussian_samples(4, 3, 8, 0.2, seed=18)
+    samples_y = gaussian_samples(12, 3, 8, 0.2, seed=19)
+    candidates = torch.randn(4, 12, generator=torch.Generator().manual_seed(20))
+    exact = brute_force_log_p(samples_x, samples_y, 5.0, 5.0)
+    reranked = sampled_match.rerank_top_k(candidates, samples_x, samples_y, 5.0, 5.0, 3)
+    for query in range(4):
+        order = candidates[query].argsort(descending=True).tolist()
+        top, rest = order[:3], order[3:]
+        torch.testing.assert_close(reranked[query, top].double(), exact[query, top], atol=FLOAT32_ATOL, rtol=FLOAT32_RTOL)
+        assert float(reranked[query, rest].max()) < float(reranked[query, top].min())
+        # the others: in candidate order (rest is sorted by candidate score, descending)
+        assert bool((reranked[query, rest][1:] < reranked[query, rest][:-1]).all())
+
+
+def test_rerank_with_every_item_is_the_exact_ranking():
+    samples_x = gaussian_samples(3, 2, 8, 0.2, seed=21)
+    samples_y = gaussian_samples(9, 2, 8, 0.2, seed=22)
+    candidates = torch.zeros(3, 9)
+    out = sampled_match.rerank_top_k(candidates, samples_x, samples_y, 5.0, 5.0, 100, out=candidates)
+    assert out is candidates
+    assert_close_float32(out, brute_force_log_p(samples_x, samples_y, 5.0, 5.0))
+
+
+def test_scorer_rerank_top_k_ranks_csd_candidates_by_sampled_log_p():
+    g = torch.Generator().manual_seed(23)
+    inputs = dict(
+        image_embeds=torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=-1),
+        text_embeds=torch.nn.functional.normalize(torch.randn(10, 8, generator=g), dim=-1),
+        image_log_sigma2=torch.randn(5, 8, generator=g) * 0.3 - 3.0,
+        text_log_sigma2=torch.randn(10, 8, generator=g) * 0.3 - 3.0,
+        num_samples=3, negative_scale=5.0, shift=5.0,
+    )  # fmt: skip
+    scorer = SampledMatchScorer(**inputs, rerank_top_k=4)
+    csd = -pairwise_csd(inputs["image_embeds"], inputs["image_log_sigma2"], inputs["text_embeds"], inputs["text_log_sigma2"])
+    exact = brute_force_log_p(scorer.image_samples, scorer.text_samples, 5.0, 5.0)
+    rows = scorer.image_rows(slice(0, 5))
+    for query in range(5):
+        top = csd[query].topk(4).indices
+        torch.testing.assert_close(rows[query, top].double(), exact[query, top], atol=FLOAT32_ATOL, rtol=FLOAT32_RTOL)
+    with pytest.raises(ValueError, match="rerank_top_k ranks candidates by CSD"):
+        SampledMatchScorer(image_samples=scorer.image_samples, text_samples=scorer.text_samples,
+                           negative_scale=5.0, shift=5.0, rerank_top_k=4)  # fmt: skip
+    with pytest.raises(ValueError, match="rerank_top_k must be a positive integer"):
+        SampledMatchScorer(**inputs, rerank_top_k=0)
+
+
+def test_tiles_on_parallel_threads_fill_every_row_like_one_thread():
+    samples_x = gaussian_samples(23, 3, 8, 0.2, seed=24)
+    samples_y = gaussian_samples(30, 3, 8, 0.2, seed=25)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)  # tasks on 3 threads, torch on one thread in each
+        parallel = sampled_match_log_prob(samples_x, samples_y, 5.0, 5.0, max_memory=4 * 9 * 4 * 5)
+        candidates = torch.randn(23, 30, generator=torch.Generator().manual_seed(26))
+        reranked = sampled_match.rerank_top_k(candidates, samples_x, samples_y, 5.0, 5.0, 4)
+        assert torch.get_num_threads() == 3  # restored after the tasks
+    finally:
+        torch.set_num_threads(threads)
+    expected = brute_force_log_p(samples_x, samples_y, 5.0, 5.0)
+    assert_close_float32(parallel, expected)
+    top = candidates.topk(4, dim=1).indices
+    assert_close_float32(reranked.gather(1, top), expected.gather(1, top))

@@ -27,8 +27,11 @@ products that any exact computation needs:
   cannot resolve) and ``p`` below :data:`UNDERFLOW_SUM` (the sigmoids approach float32's
   smallest normal number). Retrieval scores have few such pairs; a tile row with many is
   recomputed whole by :func:`hf_pcme.distances.pairwise_sampled_match_log_prob`.
-- Work memory is bounded by ``max_memory`` (the tile buffer plus a copy of one tile row of query
-  samples); the ``(N, M)`` result is the caller's (``out``).
+- Work memory is bounded by ``max_memory`` (the tile buffer, one per CPU thread); the ``(N, M)``
+  result is the caller's (``out``).
+- On CPU the tile rows run as tasks on torch's number of threads, each with torch on one thread:
+  torch's own threads would split every small product and pass of a tile and meet at a barrier
+  after each, and on a busy machine one descheduled thread then stalls the others.
 
 All arithmetic is float32 (float64 for float64 inputs) with autocast off, so it is safe under
 mixed precision, on CPU and CUDA alike. It runs under ``torch.no_grad``: use
@@ -54,9 +57,9 @@ from .distances import (
     pairwise_sampled_match_log_prob,
 )
 
-#: Default work memory of one tile on CPU (bytes): the tile buffer stays in a core's L2 cache
-#: between the products and the element-wise passes.
-CPU_TILE_BYTES = 1 << 20
+#: Default work memory of one tile on CPU (bytes): the tile buffer stays in the cache (L2 and the
+#: core's share of L3) between the products and the element-wise passes.
+CPU_TILE_BYTES = 1 << 21
 #: Default work memory of one tile on GPU (bytes): large enough for full-speed products.
 GPU_TILE_BYTES = 1 << 28
 #: Query samples stacked per tile row on CPU: ``J R`` rows of the products (a few hundred keeps
@@ -149,7 +152,7 @@ def sampled_match_log_prob(
         samples_y: ``(M, J', D)`` item samples.
         negative_scale: ``a``, a scalar tensor (one element) or float.
         shift: ``b``, a scalar tensor or float.
-        max_memory: bytes of the tile buffer, ``(J R) x (J' C)`` values (default: 1 MiB on CPU, which
+        max_memory: bytes of the tile buffer, ``(J R) x (J' C)`` values (default: 2 MiB on CPU, which
             stays in the cache; 256 MiB on GPU). On CPU each of torch's threads has one. Not
             counted: the ``(J R, D)`` stacked query samples of a tile, the ``(M, J')`` item norms
             and the ``(N, M)`` result.
@@ -174,20 +177,20 @@ def sampled_match_log_prob(
         for items in iter_row_chunks(m, max(1, (1 << 22) // (j_y * dim))):  # bounded temporaries
             torch.sum(samples_y[items].square(), dim=-1, out=items_sq_eps[items])
         items_sq_eps.add_(SAMPLE_DISTANCE_EPS)
-        tiles = list(iter_row_chunks(n, rows))
         arguments = (out, samples_x, samples_y, items_sq_eps, negative_scale, shift, cols, threading.local())
-        if threads <= 1 or len(tiles) == 1:
-            for queries in tiles:
-                _score_queries(queries, *arguments)
-            return out
-        # CPU: one task per tile row, on parallel threads with torch on one thread each. Torch's own
-        # threads would split every small product and pass of a tile and meet at a barrier after
-        # each: on a busy machine one descheduled thread then stalls the others.
-        with _single_torch_thread(), ThreadPoolExecutor(max_workers=threads) as pool:
-            for future in [pool.submit(_score_queries, queries, *arguments) for queries in tiles]:
-                future.result()
-                future.result()
+        _run_tasks(_score_queries, list(iter_row_chunks(n, rows)), arguments, threads)
     return out
+
+
+def _run_tasks(function, tasks: list, arguments: tuple, threads: int) -> None:
+    """``function(task, *arguments)`` for each task; on ``threads`` threads with torch on one thread each."""
+    if threads <= 1 or len(tasks) == 1:
+        for task in tasks:
+            function(task, *arguments)
+        return
+    with _single_torch_thread(), ThreadPoolExecutor(max_workers=threads) as pool:
+        for future in [pool.submit(function, task, *arguments) for task in tasks]:
+            future.result()
 
 
 def _score_queries(queries, out, samples_x, samples_y, items_sq_eps, negative_scale, shift, cols, local):
@@ -254,3 +257,79 @@ def _pair_log_prob(samples_x, samples_y, items_sq_eps, negative_scale, shift):
     distance = squared_eps.clamp_min_(SAMPLE_DISTANCE_EPS).sqrt_()
     log_sigmoids = F.logsigmoid(distance.mul_(-2.0 * negative_scale).add_(2.0 * shift))
     return _log_mean_exp_over_samples(log_sigmoids.unsqueeze(2)).squeeze(1)
+
+
+def rerank_top_k(
+    candidate_scores: torch.Tensor,
+    samples_x: torch.Tensor,
+    samples_y: torch.Tensor,
+    negative_scale: torch.Tensor | float,
+    shift: torch.Tensor | float,
+    top_k: int,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Rows of scores where each query's ``top_k`` candidates are re-scored by ``log p(match)``.
+
+    ``candidate_scores`` ``(N, M)`` (higher = better, e.g. ``-CSD``, PCME++'s closed-form sampled
+    distance) chooses, per query, the ``top_k`` items that get their sampled ``log p`` (as
+    :func:`sampled_match_log_prob`, in log space); every other item gets
+    ``min(top log p) - 1 - (kth candidate score - its candidate score)``: below all re-scored
+    items, in candidate order. A ranking by these rows is the candidate ranking with its first
+    ``top_k`` places re-ordered by the sampled match probability; it equals the exact sampled
+    ranking wherever the exact top items are among the candidates.
+
+    Args:
+        candidate_scores: ``(N, M)`` scores of the queries ``samples_x`` against the items ``samples_y``.
+        samples_x, samples_y: ``(N, J, D)`` and ``(M, J', D)`` samples.
+        negative_scale, shift: PCME's ``a`` and ``b``.
+        top_k: candidates re-scored per query, ``1 <= top_k``; at least ``M`` re-scores every item.
+        out: optional ``(N, M)`` result tensor (may be ``candidate_scores`` itself).
+    """
+    negative_scale, shift = _check_inputs(samples_x, samples_y, negative_scale, shift, None, None)
+    if not isinstance(candidate_scores, torch.Tensor) or tuple(candidate_scores.shape) != (
+        samples_x.shape[0],
+        samples_y.shape[0],
+    ):
+        got = tuple(candidate_scores.shape) if isinstance(candidate_scores, torch.Tensor) else type(candidate_scores)
+        raise ValueError(
+            f"candidate_scores must be a ({samples_x.shape[0]}, {samples_y.shape[0]}) tensor (queries x items), got {got}."
+        )
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be a positive integer, got {top_k!r}.")
+    dtype = _compute_dtype(samples_x, samples_y)
+    top_k = min(top_k, samples_y.shape[0])
+    device = samples_x.device
+    with torch.no_grad(), _full_precision(device):
+        candidates = candidate_scores.to(dtype)
+        values, indices = candidates.topk(top_k, dim=1)
+        if out is None:
+            out = torch.empty_like(candidates)
+        samples_x = samples_x.to(dtype)
+        samples_y = samples_y.to(dtype)
+        threads = torch.get_num_threads() if device.type == "cpu" else 1
+        arguments = (out, candidates, values, indices, samples_x, samples_y, negative_scale, shift)
+        _run_tasks(_rerank_queries, list(iter_row_chunks(samples_x.shape[0], 64)), arguments, threads)
+    return out
+
+
+def _rerank_queries(queries, out, candidates, values, indices, samples_x, samples_y, negative_scale, shift):
+    """Rows ``queries`` of :func:`rerank_top_k`: one product per query with its gathered candidates."""
+    j_x, dim = samples_x.shape[1:]
+    top_k = indices.shape[1]
+    with torch.no_grad(), _full_precision(samples_x.device):  # both are per thread
+        for query in range(queries.start, queries.stop):
+            chosen = indices[query]
+            items = samples_y[chosen].reshape(-1, dim)  # (K J', D)
+            # (J, K J') distances of one product, then log-mean-exp of log sigmoid as in hf_pcme.distances
+            squared_eps = torch.addmm(items.square().sum(-1).add_(SAMPLE_DISTANCE_EPS), samples_x[query], items.t(), alpha=-2.0)
+            squared_eps.add_(samples_x[query].square().sum(-1, keepdim=True))
+            distance = squared_eps.clamp_min_(SAMPLE_DISTANCE_EPS).sqrt_()
+            log_sigmoids = F.logsigmoid(distance.mul_(-2.0 * negative_scale).add_(2.0 * shift))
+            log_p = _log_mean_exp_over_samples(log_sigmoids.view(1, j_x, top_k, -1))[0]
+            row = out[query]
+            if row.data_ptr() != candidates[query].data_ptr():
+                row.copy_(candidates[query])
+            # the others: below every re-scored item, in candidate order
+            row.sub_(values[query, -1]).add_(log_p.min() - 1.0)
+            row[chosen] = log_p.to(row.dtype)

@@ -27,7 +27,7 @@ import torch
 
 from ..distances import best_pair_scores, sample_gaussian
 from ..registry import lookup
-from ..sampled_match import sampled_match_log_prob
+from ..sampled_match import rerank_top_k, sampled_match_log_prob
 from ..scoring import BestPairScore, CosineScore, CSDScore, SampledMatchScore, Score
 
 
@@ -246,6 +246,12 @@ class SampledMatchScorer(ScoreSource):
     Samples come from ``image_samples`` / ``text_samples`` ``(N, J, D)`` (e.g.
     ``ProbabilisticEmbedding.samples``) or are drawn once, ``num_samples`` per item, from the means
     and log variances with a generator seeded by ``seed``, so both directions see the same samples.
+
+    ``rerank_top_k=K`` (needs the means and log variances): each query's items are ranked by
+    ``-CSD`` (PCME++'s closed-form sampled distance, one product) and only its top ``K`` are
+    re-scored by ``log p`` (:func:`hf_pcme.sampled_match.rerank_top_k`); the other items keep the
+    CSD order below them. An approximation of the sampled ranking: exact wherever the sampled top
+    items are among the CSD top ``K``.
     """
 
     score = SampledMatchScore
@@ -264,6 +270,7 @@ class SampledMatchScorer(ScoreSource):
         shift: Any = None,
         seed: int = 0,
         max_memory: int | None = None,
+        rerank_top_k: int | None = None,
     ) -> None:
         if negative_scale is None or shift is None:
             raise ValueError(
@@ -285,6 +292,19 @@ class SampledMatchScorer(ScoreSource):
             raise ValueError("image and text samples must have the same size D.")
         self.num_images = self.image_samples.shape[0]
         self.num_texts = self.text_samples.shape[0]
+        self.rerank_top_k = rerank_top_k
+        self._candidates: CSDScorer | None = None
+        if rerank_top_k is not None:
+            if isinstance(rerank_top_k, bool) or not isinstance(rerank_top_k, int) or rerank_top_k < 1:
+                raise ValueError(f"rerank_top_k must be a positive integer, got {rerank_top_k!r}.")
+            if any(value is None for value in (image_embeds, text_embeds, image_log_sigma2, text_log_sigma2)):
+                raise ValueError(
+                    "rerank_top_k ranks candidates by CSD: it needs image_embeds, text_embeds, image_log_sigma2 "
+                    "and text_log_sigma2."
+                )
+            self._candidates = CSDScorer(image_embeds, text_embeds, image_log_sigma2, text_log_sigma2)
+            if (self._candidates.num_images, self._candidates.num_texts) != (self.num_images, self.num_texts):
+                raise ValueError("the means and the samples must hold the same images and captions.")
 
     @staticmethod
     def _samples(samples, mean, log_sigma2, num_samples: int, seed: int, side: str) -> torch.Tensor:
@@ -310,12 +330,25 @@ class SampledMatchScorer(ScoreSource):
 
     def reorder_texts(self, order: torch.Tensor) -> None:
         self.text_samples = self.text_samples.index_select(0, order.to(self.text_samples.device))
+        if self._candidates is not None:
+            self._candidates.reorder_texts(order)
 
     def image_rows(self, rows: slice, out: torch.Tensor | None = None) -> torch.Tensor:
+        if self._candidates is not None:
+            candidates = self._candidates.image_rows(rows, out=out)
+            return self._rerank(candidates, self.image_samples[rows], self.text_samples)
         return self._log_prob(self.image_samples[rows], self.text_samples, out)
 
     def text_rows(self, rows: slice, out: torch.Tensor | None = None) -> torch.Tensor:
+        if self._candidates is not None:
+            candidates = self._candidates.text_rows(rows, out=out)
+            return self._rerank(candidates, self.text_samples[rows], self.image_samples)
         return self._log_prob(self.text_samples[rows], self.image_samples, out)
+
+    def _rerank(self, candidates: torch.Tensor, queries: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        return rerank_top_k(
+            candidates, queries, items, self.negative_scale, self.shift, self.rerank_top_k, out=candidates
+        )
 
     def _log_prob(self, queries: torch.Tensor, items: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         shape = (queries.shape[0], items.shape[0])
