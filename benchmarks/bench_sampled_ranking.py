@@ -12,12 +12,17 @@ The sides are interleaved (matmul, ours, matmul, ours, ...) and the median of th
 is reported, with the best/best ratio (the machine drifts +-15 % and is often shared). Torch's
 default thread count on both sides.
 
+Top-K re-ranking (``SampledMatchScorer(rerank_top_k=K)``: rank by -CSD, re-score each query's top
+K by the sampled log p), for each ``--rerank-k``: its time, and its agreement with the exact ranking
+(identical top 1 / top 10, Recall@1/5/10) over all rows.
+
 Agreement of ours with today's, on the rows today's path scored: the largest score difference,
 the share of rows whose top 10 (and whose whole ranking) is identical, and Recall@1/5/10 (i2t) of
 both. The floor of any exact computation is the J x J = 49 products of the samples (~49x).
 
     python benchmarks/bench_sampled_ranking.py           # 1000, 2000, 5000 images (5000 x 25000 is COCO 5K), D = 1024
     python benchmarks/bench_sampled_ranking.py --quick   # 200, 400, 800 images, D = 256
+    python benchmarks/bench_sampled_ranking.py --sizes 5000 --todays-budget 0   # COCO 5K only (today's on 8 rows)
 """
 
 from __future__ import annotations
@@ -40,19 +45,21 @@ SCALE = SHIFT = 15.0
 CHUNK_ELEMENTS = 1 << 24
 
 
-def make_scorer(num_images: int, dim: int, seed: int = 0) -> tuple[SampledMatchScorer, torch.Tensor, torch.Tensor]:
+def make_scorer(num_images: int, dim: int, seed: int = 0) -> tuple[SampledMatchScorer, dict]:
     """Random unit means, log variances around -7 (as benchmarks/bench_metrics.py) and J = 7 samples."""
     g = torch.Generator().manual_seed(seed)
     num_texts = num_images * CAPTIONS
     image_means = F.normalize(torch.randn(num_images, dim, generator=g), dim=-1)
     # captions near their image, so that Recall@K means something
     text_means = F.normalize(image_means.repeat_interleave(CAPTIONS, 0) + torch.randn(num_texts, dim, generator=g), dim=-1)
-    scorer = SampledMatchScorer(
-        image_means, text_means,
-        torch.randn(num_images, dim, generator=g) * 0.5 - 7.0, torch.randn(num_texts, dim, generator=g) * 0.5 - 7.0,
-        num_samples=NUM_SAMPLES, negative_scale=SCALE, shift=SHIFT, seed=seed,
-    )  # fmt: skip
-    return scorer, image_means, text_means
+    inputs = {
+        "image_embeds": image_means,
+        "text_embeds": text_means,
+        "image_log_sigma2": torch.randn(num_images, dim, generator=g) * 0.5 - 7.0,
+        "text_log_sigma2": torch.randn(num_texts, dim, generator=g) * 0.5 - 7.0,
+    }
+    scorer = SampledMatchScorer(**inputs, num_samples=NUM_SAMPLES, negative_scale=SCALE, shift=SHIFT, seed=seed)
+    return scorer, inputs
 
 
 def time_matmul(image_means: torch.Tensor, text_means: torch.Tensor) -> float:
@@ -93,15 +100,16 @@ def recall(tops: torch.Tensor, first_row: int = 0) -> dict[int, float]:
     return {k: 100.0 * float(hit[:, :k].any(1).float().mean()) for k in (1, 5, 10)}
 
 
-def run_size(num_images: int, dim: int, repeats: int, todays_budget: float, skip_todays: bool) -> dict:
-    scorer, image_means, text_means = make_scorer(num_images, dim)
+def run_size(num_images: int, dim: int, repeats: int, todays_budget: float, skip_todays: bool, rerank_ks) -> dict:
+    scorer, inputs = make_scorer(num_images, dim)
+    image_means, text_means = inputs["image_embeds"], inputs["text_embeds"]
     num_texts = num_images * CAPTIONS
     ours_block = lambda rows, out: scorer.image_rows(rows, out=out)  # noqa: E731
     score_rows(ours_block, min(num_images, 8), num_texts)  # warm-up
     matmul_runs, ours_runs = [], []
     for _ in range(repeats):
         matmul_runs.append(time_matmul(image_means, text_means))
-        seconds, _ = score_rows(ours_block, num_images, num_texts)
+        seconds, exact_tops = score_rows(ours_block, num_images, num_texts)
         ours_runs.append(seconds)
     result = {
         "size": (num_images, num_texts, dim),
@@ -111,7 +119,22 @@ def run_size(num_images: int, dim: int, repeats: int, todays_budget: float, skip
         "best_ratio": min(ours_runs) / min(matmul_runs),
         "ours_runs": ours_runs,
         "matmul_runs": matmul_runs,
+        "recall_exact": recall(exact_tops),
+        "rerank": [],
     }
+    for top_k in rerank_ks:
+        reranking = SampledMatchScorer(
+            **inputs, image_samples=scorer.image_samples, text_samples=scorer.text_samples,
+            negative_scale=SCALE, shift=SHIFT, rerank_top_k=top_k,
+        )  # fmt: skip
+        matmul = time_matmul(image_means, text_means)
+        seconds, tops = score_rows(lambda rows, out: reranking.image_rows(rows, out=out), num_images, num_texts)
+        result["rerank"].append({
+            "top_k": top_k, "seconds": seconds, "ratio": seconds / statistics.median([matmul, *matmul_runs]),
+            "top10_same": float((tops == exact_tops).all(1).float().mean()),
+            "top1_same": float((tops[:, 0] == exact_tops[:, 0]).float().mean()),
+            "recall": recall(tops),
+        })  # fmt: skip
     if skip_todays:
         return result
     # today's path: estimate from a few rows, then run as many rows as the budget allows
@@ -154,6 +177,8 @@ def main() -> None:
     parser.add_argument("--todays-budget", type=float, default=60.0,
                         help="seconds of today's path per size; beyond, a slice of rows is extrapolated")  # fmt: skip
     parser.add_argument("--skip-todays", action="store_true", help="do not time today's path")
+    parser.add_argument("--rerank-k", type=int, nargs="*", default=[50, 200],
+                        help="top-K re-ranking modes to time and compare with the exact ranking (default 50 200)")  # fmt: skip
     args = parser.parse_args()
     sizes = args.sizes or ([200, 400, 800] if args.quick else [1000, 2000, 5000])
     dim = args.dim or (256 if args.quick else 1024)
@@ -166,7 +191,7 @@ def main() -> None:
     header = f"{'images x captions':>18s} {'matmul s':>9s} {'ours s':>8s} {'ours/mm':>8s} {'best/best':>9s} {'today s':>9s} {'today/mm':>9s}"
     results = []
     for num_images in sizes:
-        result = run_size(num_images, dim, args.repeats, args.todays_budget, args.skip_todays)
+        result = run_size(num_images, dim, args.repeats, args.todays_budget, args.skip_todays, args.rerank_k)
         results.append(result)
         n, m, _ = result["size"]
         todays = (
@@ -196,6 +221,17 @@ def main() -> None:
                 f"ours {'/'.join(f'{v:.2f}' for v in result['recall_ours'].values())}, "
                 f"today's {'/'.join(f'{v:.2f}' for v in result['recall_todays'].values())}"
             )
+    if args.rerank_k:
+        print("\ntop-K re-ranking (rank by -CSD, re-score the top K by the sampled log p) vs the exact ranking, all rows:")
+        for result in results:
+            exact = "/".join(f"{v:.2f}" for v in result["recall_exact"].values())
+            for row in result["rerank"]:
+                print(
+                    f"  {result['size'][0]} images, K = {row['top_k']:4d}: {row['seconds']:7.2f} s = {row['ratio']:5.1f}x "
+                    f"the matmul; identical top 1 in {100 * row['top1_same']:.1f} %, top 10 in "
+                    f"{100 * row['top10_same']:.1f} % of the rows; i2t R@1/5/10 "
+                    f"{'/'.join(f'{v:.2f}' for v in row['recall'].values())} (exact {exact})"
+                )
     largest = results[-1]
     print(
         f"\ntarget: <= 60x the bare matmul at 5000 x 25000, J = 7, D = 1024 (floor ~49x, the J x J products); "
