@@ -12,7 +12,9 @@ same names, served block by block (each scorer's ``score`` attribute is its scor
 - ``"cosine"``, ``"polysemous"`` (best pair over K x K), ``"csd"``: one matrix product per block
   of the score's ``pair_vectors`` (for CSD the augmented vectors of "CSD as an inner product").
 - ``"sampled"``: ``log p(match)`` of PCME over ``J x J`` sample pairs; needs the model's
-  ``negative_scale`` (a) and ``shift`` (b).
+  ``negative_scale`` (a) and ``shift`` (b). Blocks come from
+  :func:`hf_pcme.sampled_match.sampled_match_log_prob` (all ``J x J`` distances of a tile from
+  products, the sigmoid-mean fused per tile).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 
 from ..distances import best_pair_scores, sample_gaussian
 from ..registry import lookup
+from ..sampled_match import rerank_top_k, sampled_match_log_prob
 from ..scoring import BestPairScore, CosineScore, CSDScore, SampledMatchScore, Score
 
 
@@ -234,11 +237,21 @@ class PolysemousScorer(InnerProductScorer):
 
 
 class SampledMatchScorer(ScoreSource):
-    """``log p(match)`` of PCME over J x J Monte-Carlo sample pairs (J^2 times the cost of cosine).
+    """``log p(match)`` of PCME over J x J Monte-Carlo sample pairs (J^2 times the products of cosine).
+
+    ``p = 1/J^2 sum_{j, j'} sigmoid(2 (b - a ||z_x^j - z_y^j'||))`` (PCME, Chun et al., CVPR 2021;
+    docs/formulas.md), computed block by block by :func:`hf_pcme.sampled_match.sampled_match_log_prob`
+    with at most ``max_memory`` bytes of work memory per tile (default: its own, cache-sized on CPU).
 
     Samples come from ``image_samples`` / ``text_samples`` ``(N, J, D)`` (e.g.
     ``ProbabilisticEmbedding.samples``) or are drawn once, ``num_samples`` per item, from the means
     and log variances with a generator seeded by ``seed``, so both directions see the same samples.
+
+    ``rerank_top_k=K`` (needs the means and log variances): each query's items are ranked by
+    ``-CSD`` (PCME++'s closed-form sampled distance, one product) and only its top ``K`` are
+    re-scored by ``log p`` (:func:`hf_pcme.sampled_match.rerank_top_k`); the other items keep the
+    CSD order below them. An approximation of the sampled ranking: exact wherever the sampled top
+    items are among the CSD top ``K``.
     """
 
     score = SampledMatchScore
@@ -256,6 +269,8 @@ class SampledMatchScorer(ScoreSource):
         negative_scale: Any = None,
         shift: Any = None,
         seed: int = 0,
+        max_memory: int | None = None,
+        rerank_top_k: int | None = None,
     ) -> None:
         if negative_scale is None or shift is None:
             raise ValueError(
@@ -265,6 +280,9 @@ class SampledMatchScorer(ScoreSource):
         self.negative_scale = float(as_tensor(negative_scale, "negative_scale").reshape(-1)[0])
         self.shift = float(as_tensor(shift, "shift").reshape(-1)[0])
         self._score = SampledMatchScore(self.negative_scale, self.shift)
+        if max_memory is not None and int(max_memory) < 1:
+            raise ValueError(f"max_memory must be a positive number of bytes, got {max_memory}.")
+        self.max_memory = max_memory
         # different seeds for images and captions, so their noise is independent
         self.image_samples = self._samples(
             image_samples, image_embeds, image_log_sigma2, num_samples, 2 * seed, "image"
@@ -274,6 +292,19 @@ class SampledMatchScorer(ScoreSource):
             raise ValueError("image and text samples must have the same size D.")
         self.num_images = self.image_samples.shape[0]
         self.num_texts = self.text_samples.shape[0]
+        self.rerank_top_k = rerank_top_k
+        self._candidates: CSDScorer | None = None
+        if rerank_top_k is not None:
+            if isinstance(rerank_top_k, bool) or not isinstance(rerank_top_k, int) or rerank_top_k < 1:
+                raise ValueError(f"rerank_top_k must be a positive integer, got {rerank_top_k!r}.")
+            if any(value is None for value in (image_embeds, text_embeds, image_log_sigma2, text_log_sigma2)):
+                raise ValueError(
+                    "rerank_top_k ranks candidates by CSD: it needs image_embeds, text_embeds, image_log_sigma2 "
+                    "and text_log_sigma2."
+                )
+            self._candidates = CSDScorer(image_embeds, text_embeds, image_log_sigma2, text_log_sigma2)
+            if (self._candidates.num_images, self._candidates.num_texts) != (self.num_images, self.num_texts):
+                raise ValueError("the means and the samples must hold the same images and captions.")
 
     @staticmethod
     def _samples(samples, mean, log_sigma2, num_samples: int, seed: int, side: str) -> torch.Tensor:
@@ -299,16 +330,38 @@ class SampledMatchScorer(ScoreSource):
 
     def reorder_texts(self, order: torch.Tensor) -> None:
         self.text_samples = self.text_samples.index_select(0, order.to(self.text_samples.device))
+        if self._candidates is not None:
+            self._candidates.reorder_texts(order)
 
     def image_rows(self, rows: slice, out: torch.Tensor | None = None) -> torch.Tensor:
-        return self._log_prob(self.image_samples[rows], self.text_samples)
+        if self._candidates is not None:
+            candidates = self._candidates.image_rows(rows, out=out)
+            return self._rerank(candidates, self.image_samples[rows], self.text_samples)
+        return self._log_prob(self.image_samples[rows], self.text_samples, out)
 
     def text_rows(self, rows: slice, out: torch.Tensor | None = None) -> torch.Tensor:
-        return self._log_prob(self.text_samples[rows], self.image_samples)
+        if self._candidates is not None:
+            candidates = self._candidates.text_rows(rows, out=out)
+            return self._rerank(candidates, self.text_samples[rows], self.image_samples)
+        return self._log_prob(self.text_samples[rows], self.image_samples, out)
 
-    def _log_prob(self, queries: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self._score.pairwise(queries, items)
+    def _rerank(self, candidates: torch.Tensor, queries: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        return rerank_top_k(
+            candidates, queries, items, self.negative_scale, self.shift, self.rerank_top_k, out=candidates
+        )
+
+    def _log_prob(self, queries: torch.Tensor, items: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        shape = (queries.shape[0], items.shape[0])
+        if out is not None and (
+            tuple(out.shape) != shape
+            or out.dtype != torch.promote_types(torch.float32, torch.promote_types(queries.dtype, items.dtype))
+            or out.device != queries.device
+            or out.stride(-1) != 1
+        ):
+            out = None  # the buffer is an offer: scores in float64 (float64 samples) get their own
+        return sampled_match_log_prob(
+            queries, items, self.negative_scale, self.shift, max_memory=self.max_memory, out=out
+        )
 
 
 #: Scorer name -> block source, one per score of :data:`hf_pcme.scoring.SCORES` (same names;
