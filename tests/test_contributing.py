@@ -125,3 +125,18 @@ def test_index_with_the_euclidean_score_finds_the_bruteforce_nearest_items(backe
         distances = [_squared_distance(queries[q], items[n]) for n in range(40)]
         assert result.indices[q].tolist() == sorted(range(40), key=distances.__getitem__)[:5]
         torch.testing.assert_close(result.scores[q], -torch.tensor(sorted(distances)[:5]), rtol=1e-4, atol=1e-4)
+
+
+def test_retrieval_metrics_rank_by_the_euclidean_score_without_a_scorer_line():
+    from hf_pcme.metrics import SCORERS, evaluate_retrieval
+
+    generator = torch.Generator().manual_seed(1)
+    images, texts = torch.randn(6, 4, generator=generator), torch.randn(12, 4, generator=generator)
+    text_to_image = torch.arange(12) // 2
+    brute_force = torch.tensor([[-_squared_distance(images[i], texts[j]) for j in range(12)] for i in range(6)])
+    got = evaluate_retrieval(image_embeds=images, text_embeds=texts, text_to_image=text_to_image, scorer="euclidean")
+    expected = evaluate_retrieval(scores=brute_force, text_to_image=text_to_image)
+    assert "euclidean" in SCORERS
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert got[key] == pytest.approx(expected[key]), key

@@ -28,7 +28,7 @@ import torch
 from ..distances import best_pair_scores, sample_gaussian
 from ..registry import lookup
 from ..sampled_match import rerank_top_k, sampled_match_log_prob
-from ..scoring import BestPairScore, CosineScore, CSDScore, SampledMatchScore, Score
+from ..scoring import SCORES, BestPairScore, CosineScore, CSDScore, SampledMatchScore, Score
 
 
 def as_tensor(value: Any, name: str) -> torch.Tensor:
@@ -166,7 +166,7 @@ class InnerProductScorer(ScoreSource):
         if not self.score.needs_variance:
             return None
         if value is None:
-            raise ValueError(f"scorer='csd' needs {side}_log_sigma2 (the log variances of the {side} embeddings).")
+            raise ValueError(f"scorer={self.metric!r} needs {side}_log_sigma2 (the log variances of the {side} embeddings).")
         log_sigma2 = as_tensor(value, f"{side}_log_sigma2")
         if log_sigma2.shape != mean.shape:
             raise ValueError(
@@ -364,15 +364,24 @@ class SampledMatchScorer(ScoreSource):
         )
 
 
+def _inner_product_scorer(name: str, score: type[Score]) -> type[InnerProductScorer]:
+    """The block source of a searchable score registered in ``SCORES`` only (one product per block)."""
+    return type(f"{score.__name__}Scorer", (InnerProductScorer,),
+                {"score": score, "metric": name, "__doc__": f"Score {name!r} as one matrix product per block."})
+
+
 #: Scorer name -> block source, one per score of :data:`hf_pcme.scoring.SCORES` (same names;
-#: tests/test_scoring.py checks they agree). A new inner-product score is a subclass of
-#: :class:`InnerProductScorer` with ``score = NewScore`` plus one line here.
+#: tests/test_scoring.py checks they agree). Every searchable (inner-product) score of ``SCORES``
+#: gets a block source here without an edit; a score that is not an inner product needs its own
+#: :class:`ScoreSource` and a line here.
 SCORERS: dict[str, type[ScoreSource]] = {
     "cosine": CosineScorer,
     "csd": CSDScorer,
     "sampled": SampledMatchScorer,
     "polysemous": PolysemousScorer,
 }
+SCORERS.update({name: _inner_product_scorer(name, score) for name, score in SCORES.items()
+                if score.searchable and name not in SCORERS})
 
 
 def build_scorer(
