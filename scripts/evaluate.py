@@ -26,7 +26,7 @@ from typing import Any
 # Heavy imports (torch, transformers, hf_pcme) happen in main(), so that --help answers at once.
 
 #: The ranking scores of ``hf_pcme.metrics.SCORERS`` (tests/test_scripts_output.py checks they agree).
-SCORER_CHOICES = ("cosine", "csd", "polysemous", "sampled")
+SCORER_CHOICES = ("cosine", "csd", "euclidean", "polysemous", "sampled")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

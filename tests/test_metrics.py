@@ -395,7 +395,7 @@ def test_polysemous_scorer_takes_best_pair():
 
 
 def test_scorer_registry_names():
-    assert set(SCORERS) == {"cosine", "csd", "sampled", "polysemous"}
+    assert set(SCORERS) == {"cosine", "csd", "sampled", "polysemous", "euclidean"}
 
 
 # ---------------------------------------------------------------------------- bad input
