@@ -43,11 +43,11 @@ from __future__ import annotations
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 
+from .cpu_threads import single_cpu_thread
 from .distances import (
     SAMPLE_DISTANCE_EPS,
     _compute_dtype,
@@ -188,7 +188,7 @@ def _run_tasks(function, tasks: list, arguments: tuple, threads: int) -> None:
         for task in tasks:
             function(task, *arguments)
         return
-    with _single_torch_thread(), ThreadPoolExecutor(max_workers=threads) as pool:
+    with single_cpu_thread(), ThreadPoolExecutor(max_workers=threads) as pool:
         for future in [pool.submit(function, task, *arguments) for task in tasks]:
             future.result()
 
@@ -219,15 +219,6 @@ def _score_queries(queries, out, samples_x, samples_y, items_sq_eps, negative_sc
         _finish_rows(out[queries], samples_x[queries], samples_y, items_sq_eps, negative_scale, shift, j_x * j_y)
 
 
-@contextmanager
-def _single_torch_thread():
-    """Torch CPU ops on one thread inside the block (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _finish_rows(scores, samples_x, samples_y, items_sq_eps, negative_scale, shift, num_pairs):

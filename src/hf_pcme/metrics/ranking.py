@@ -37,13 +37,13 @@ deterministic, independent of the order of the items, and gives a constant score
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
+from ..cpu_threads import single_cpu_thread
 from . import rank_kernel
 from .rank_torch import rank_block_torch, row_range
 from .rank_types import BlockRanks, PlausibilityLevels, RelevanceTest, RelevanceView, Workspace
@@ -64,20 +64,6 @@ def num_buckets(num_items: int) -> int:
     Fewer buckets make the histogram cheaper to accumulate; more make the extracted buckets smaller.
     """
     return int(2 ** min(10, max(4, round(math.log2(max(num_items, 1) / 40)))))
-
-
-@contextlib.contextmanager
-def single_cpu_thread(device: torch.device) -> Iterator[None]:
-    """Run torch CPU ops on one thread inside the block (restored afterwards)."""
-    if device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def rank_block(
