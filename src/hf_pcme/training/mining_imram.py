@@ -116,35 +116,12 @@ def mined_negatives_of(model: Any) -> MinedNegatives | None:
     return _NEGATIVES.get(model)
 
 
-@torch.no_grad()
-def build_mined_negatives(
-    dual_encoder: Any, imram_model: Any, processor: Any, dataset: Any, top_k: int, max_caption_length: int | None = None,
-    batch_size: int = 250, seed: int = 0,
-) -> MinedNegatives:
-    """Mine ``top_k`` negatives per query of the caption-level training ``dataset`` with ``dual_encoder``'s ranking.
-
-    ``imram_model``'s vision tower must be frozen: its local features are computed once here.
-    """
-    from ..data import make_eval_transform, make_retrieval_split
-    from ..data.views import column_as_numpy
-    from ..evaluation import default_scorer
-    from ..modeling_pcme import tower_local_and_global
+def _dual_encoder_embeddings(
+    dual_encoder: Any, view: Any, transform: Any, encoded: Any, device: torch.device, batch_size: int
+) -> tuple[list[torch.Tensor], Any, Any]:
+    """The split's pixel batches and the dual encoder's image and caption embeddings (float32, no samples)."""
     from ..outputs import ProbabilisticEmbedding
-    from ..rerank_evaluation import first_stage_scores
 
-    if "vision" not in imram_model.config.frozen_towers:
-        raise ValueError("mined_negatives > 0 needs a frozen vision tower (model.imram.frozen_towers: [vision, ...]): "
-                         "the regions of the mined images are computed once before training.")
-    view = make_retrieval_split(dataset)
-    transform = make_eval_transform(processor)
-    captions = list(view.captions.select_columns(["caption"])[:]["caption"])
-    kwargs: dict[str, Any] = {"return_tensors": "pt", "padding": True, "truncation": True}
-    if max_caption_length is not None:
-        kwargs["max_length"] = max_caption_length
-    encoded = processor(text=captions, **kwargs)
-    device = next(imram_model.parameters()).device
-
-    # One process, no gather: every process mines the same negatives from the whole split.
     was_training = dual_encoder.training
     dual_encoder.eval()
     pixel_batches, image_parts, text_parts = [], [], []
@@ -162,7 +139,40 @@ def build_mined_negatives(
         return ProbabilisticEmbedding(mean=torch.cat([p.mean.float() for p in parts]),
                                       log_sigma2=torch.cat([p.log_sigma2.float() for p in parts]) if has_sigma else None)
 
-    scores = first_stage_scores(dual_encoder, concat(image_parts), concat(text_parts), default_scorer(dual_encoder),
+    return pixel_batches, concat(image_parts), concat(text_parts)
+
+
+@torch.no_grad()
+def build_mined_negatives(
+    dual_encoder: Any, imram_model: Any, processor: Any, dataset: Any, top_k: int, max_caption_length: int | None = None,
+    batch_size: int = 250, seed: int = 0,
+) -> MinedNegatives:
+    """Mine ``top_k`` negatives per query of the caption-level training ``dataset`` with ``dual_encoder``'s ranking.
+
+    ``imram_model``'s vision tower must be frozen: its local features are computed once here.
+    """
+    from ..data import make_eval_transform, make_retrieval_split
+    from ..data.views import column_as_numpy
+    from ..evaluation import default_scorer
+    from ..modeling_pcme import tower_local_and_global
+    from ..rerank_evaluation import first_stage_scores
+
+    if "vision" not in imram_model.config.frozen_towers:
+        raise ValueError("mined_negatives > 0 needs a frozen vision tower (model.imram.frozen_towers: [vision, ...]): "
+                         "the regions of the mined images are computed once before training.")
+    view = make_retrieval_split(dataset)
+    transform = make_eval_transform(processor)
+    captions = list(view.captions.select_columns(["caption"])[:]["caption"])
+    kwargs: dict[str, Any] = {"return_tensors": "pt", "padding": True, "truncation": True}
+    if max_caption_length is not None:
+        kwargs["max_length"] = max_caption_length
+    encoded = processor(text=captions, **kwargs)
+    device = next(imram_model.parameters()).device
+
+    # One process, no gather: every process mines the same negatives from the whole split.
+    pixel_batches, image_embeds, text_embeds = _dual_encoder_embeddings(dual_encoder, view, transform, encoded,
+                                                                        device, batch_size)
+    scores = first_stage_scores(dual_encoder, image_embeds, text_embeds, default_scorer(dual_encoder),
                                 seed=seed, num_samples=dual_encoder.config.num_samples)
     positives = duplicate_aware_positives(view.text_to_image, caption_text_ids(captions), view.num_images)
     image_to_captions, caption_to_images = mine_negatives(scores, positives, top_k)
