@@ -332,3 +332,15 @@ def test_imram_recipe_trains_through_the_trainer_and_resumes_exactly(tmp_path, l
     frozen = PCMEModel.from_pretrained(pcme_dir).vision_model.state_dict()
     assert all(torch.equal(v, saved.vision_model.state_dict()[k]) for k, v in frozen.items())  # the vision tower stayed fixed
     assert (tmp_path / "resumed" / "README.md").read_text().count("IMRAM re-ranker") == 1
+
+
+def test_imram_loading_refuses_corrupt_weights_and_a_folder_without_config(tmp_path, dual_encoder):
+    # the re-ranker loads through the same strict from_pretrained as PCMEModel
+    _imram(dual_encoder).save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(OSError, match="corrupt or truncated"):
+        IMRAMModel.from_pretrained(tmp_path)
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json not found"):
+        IMRAMModel.from_pretrained(tmp_path)

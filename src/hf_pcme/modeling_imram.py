@@ -47,7 +47,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
@@ -55,7 +54,7 @@ from transformers.utils import ModelOutput
 from .configuration_imram import IMRAMConfig
 from .distances import iter_row_chunks
 from .loss_triplet import bidirectional_triplet_loss
-from .modeling_pcme import build_tower, tower_feature_dim, tower_local_and_global
+from .modeling_pcme import StrictLoadingMixin, build_tower, tower_feature_dim, tower_local_and_global
 
 #: Pairs scored at once by :meth:`IMRAMModel.score_all_pairs` (bounds the (pairs, L, R) attention).
 PAIR_CHUNK_SIZE = 4096
@@ -170,28 +169,12 @@ class MemoryDistillationUnit(nn.Module):
         return l2_normalize(gate * query + (1.0 - gate) * candidate)
 
 
-class IMRAMPreTrainedModel(PreTrainedModel):
+class IMRAMPreTrainedModel(StrictLoadingMixin, PreTrainedModel):
     config_class = IMRAMConfig
     config: IMRAMConfig
     base_model_prefix = "imram"
     main_input_name = "pixel_values"
     input_modalities = ("image", "text")
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
-        """``PreTrainedModel.from_pretrained`` that raises an ``OSError`` instead of returning a half-loaded model."""
-        output_loading_info = kwargs.pop("output_loading_info", False)
-        try:
-            model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
-        except SafetensorError as error:
-            raise OSError(f"The weights under {pretrained_model_name_or_path} are corrupt or truncated ({error}).") from error
-        missing = sorted(info.get("missing_keys") or [])
-        if missing:
-            raise OSError(
-                f"The checkpoint under {pretrained_model_name_or_path} lacks {len(missing)} weights of {cls.__name__} "
-                f"({', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}); it was saved by another model."
-            )
-        return (model, info) if output_loading_info else model
 
 
 class IMRAMModel(IMRAMPreTrainedModel):

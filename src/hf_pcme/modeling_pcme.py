@@ -59,16 +59,17 @@ def missing_config_error(name_or_path: str | os.PathLike, subfolder: str | None 
     )
 
 
-class PCMEPreTrainedModel(PreTrainedModel):
-    config_class = PCMEConfig
-    config: PCMEConfig
-    base_model_prefix = "pcme"
-    main_input_name = "pixel_values"
-    input_modalities = ("image", "text")
+class StrictLoadingMixin:
+    """``from_pretrained`` for this package's models: a clear error instead of a half-loaded model.
+
+    Put before ``PreTrainedModel`` in the bases; ``missing_weights_hint`` ends the missing-weights error.
+    """
+
+    missing_weights_hint: str = ""
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
-        """``PreTrainedModel.from_pretrained`` that refuses to return a half-loaded model.
+        """``PreTrainedModel.from_pretrained`` that refuses to return a half-loaded model (PCME and IMRAM).
 
         Corrupt or truncated weight files and checkpoints that lack some of the model's weights raise
         an ``OSError`` naming the folder, instead of silently leaving weights randomly initialised; a
@@ -95,9 +96,18 @@ class PCMEPreTrainedModel(PreTrainedModel):
             raise OSError(
                 f"The checkpoint under {pretrained_model_name_or_path} lacks {len(missing)} weights of "
                 f"{cls.__name__} ({shown}). It was saved by a different model or configuration; "
-                "check its config.json, or build the model from its towers with from_vision_text_pretrained."
+                f"check its config.json{cls.missing_weights_hint}."
             )
         return (model, loading_info) if output_loading_info else model
+
+
+class PCMEPreTrainedModel(StrictLoadingMixin, PreTrainedModel):
+    config_class = PCMEConfig
+    config: PCMEConfig
+    base_model_prefix = "pcme"
+    main_input_name = "pixel_values"
+    input_modalities = ("image", "text")
+    missing_weights_hint = ", or build the model from its towers with from_vision_text_pretrained"
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
         """``PreTrainedModel.save_pretrained`` that also ships the retrieval pipeline as remote code.
@@ -389,6 +399,7 @@ __all__ = [
     "build_tower",
     "load_pretrained_tower",
     "missing_config_error",
+    "StrictLoadingMixin",
     "tower_feature_dim",
     "tower_local_and_global",
 ]
