@@ -50,6 +50,8 @@ import torch.nn.functional as F
 from .cpu_threads import single_cpu_thread
 from .distances import (
     SAMPLE_DISTANCE_EPS,
+    _check_dims,
+    _check_last_dim,
     _compute_dtype,
     _full_precision,
     _log_mean_exp_over_samples,
@@ -76,19 +78,12 @@ EXACT_PAIRS_PER_BATCH = 512
 
 def _check_inputs(samples_x, samples_y, negative_scale, shift, max_memory, out):
     for name, samples, layout in (("samples_x", samples_x, "(N, J, D)"), ("samples_y", samples_y, "(M, J', D)")):
-        if not isinstance(samples, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor of shape {layout}, got {type(samples).__name__}.")
-        if samples.dim() != 3:
-            raise ValueError(f"{name} must be 3-D {layout}, got shape {tuple(samples.shape)}.")
+        _check_dims(name, samples, 3, layout)
         if not samples.dtype.is_floating_point:
             raise ValueError(f"{name} must be a floating point tensor, got {samples.dtype}.")
         if 0 in samples.shape:
             raise ValueError(f"{name} needs at least one item, one sample and one dimension, got {tuple(samples.shape)}.")
-    if samples_x.shape[-1] != samples_y.shape[-1]:
-        raise ValueError(
-            f"samples_x and samples_y must have the same embedding size, got {tuple(samples_x.shape)} and "
-            f"{tuple(samples_y.shape)}."
-        )
+    _check_last_dim("samples_x", samples_x, "samples_y", samples_y)
     if samples_x.device != samples_y.device:
         raise ValueError(f"samples_x and samples_y must be on one device, got {samples_x.device} and {samples_y.device}.")
     scalars = []
