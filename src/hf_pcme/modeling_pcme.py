@@ -311,16 +311,16 @@ class PCMEModel(PCMEPreTrainedModel):
         a, b = self.negative_scale.float(), self.shift.float()
         if self.config.match_function == "csd" and image.log_sigma2 is not None and text.log_sigma2 is not None:
             logits = a * CSDScore().pairwise(image, text) + b  # -a CSD + b
-            if getattr(self.config, "ranking_score", None) == "cosine":  # means trained to rank by their cosine
-                return CosineScore().pairwise(image.mean, text.mean), torch.sigmoid(logits)
-            return torch.nn.functional.logsigmoid(logits), torch.sigmoid(logits)
-        log_p = SampledMatchScore(a, b).pairwise(image, text)
+            ranking, match_prob = torch.nn.functional.logsigmoid(logits), torch.sigmoid(logits)
+        else:
+            log_p = SampledMatchScore(a, b).pairwise(image, text)
+            ranking, match_prob = log_p, log_p.exp()
+            if image.log_sigma2 is None:  # point embeddings rank by cosine; p treats them as zero-variance Gaussians
+                best_pair = image.mean.dim() == 3 or text.mean.dim() == 3
+                ranking = (BestPairScore() if best_pair else CosineScore()).pairwise(image.mean, text.mean)
         if getattr(self.config, "ranking_score", None) == "cosine" and image.mean.dim() == 2 and text.mean.dim() == 2:
-            return CosineScore().pairwise(image.mean, text.mean), log_p.exp()
-        if image.log_sigma2 is None:  # point embeddings rank by cosine; p treats them as zero-variance Gaussians
-            best_pair = image.mean.dim() == 3 or text.mean.dim() == 3
-            return (BestPairScore() if best_pair else CosineScore()).pairwise(image.mean, text.mean), log_p.exp()
-        return log_p, log_p.exp()
+            ranking = CosineScore().pairwise(image.mean, text.mean)  # means trained to rank by their cosine
+        return ranking, match_prob
 
     # ------------------------------------------------------------------ forward
     def forward(
